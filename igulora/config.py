@@ -1,0 +1,134 @@
+"""IGULoraConfig: every knob of IGU-LoRA in one validated dataclass (PEFT style)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from igulora.quadrature import RULES
+
+SCORES = ("snr", "product")
+BUDGET_UNITS = ("triplets", "parameters")
+PRUNE_MODES = ("mask", "zero")
+INITS = ("adalora", "lora")
+
+
+@dataclass
+class IGULoraConfig:
+    """Configuration of an IGU-LoRA model.
+
+    Adapters: ``target_modules`` is a list of exact module names or ``.name`` suffixes, a string
+    regex matched against the full module name, or ``"all-linear"`` (every Linear / Conv1D but the
+    output head). ``exclude_modules`` uses the same syntax. ``modules_to_save`` stay trainable.
+    Each adapter starts at ``init_r`` ranks with scale ``lora_alpha / init_r`` (never rescaled).
+
+    Budget (AdaLoRA's cubic schedule): ``init_r`` per layer for ``tinit`` steps, down to
+    ``target_r`` per layer at step ``total_step - tfinal``, masks frozen for the last ``tfinal``
+    steps; reallocation every ``delta_t`` steps. ``budget_unit`` counts triplets or parameters.
+
+    Score: EMAs of |IG| (``beta1``) and of its deviation (``beta2``), combined as ``snr``
+    (IGU-LoRA) or ``product`` (AdaLoRA). IG: ``ig_rule`` with ``ig_steps`` nodes, computed every
+    ``ig_every`` optimizer steps on ``ig_fraction`` of the batch (``stochastic`` draws its nodes
+    from a ``stochastic_grid``-interval trapezoid grid).
+
+    ``prune_mode="mask"`` multiplies E by a rank mask (pruned triplets get no gradient);
+    ``"zero"`` zeroes pruned singular values in place like AdaLoRA (they may grow back).
+    ``init="adalora"``: E = 0, A, B ~ N(0, 0.02); ``"lora"``: B = 0, A Kaiming-uniform, E = 1.
+    """
+
+    target_modules: list[str] | str = "all-linear"
+    exclude_modules: list[str] | str | None = None
+    modules_to_save: list[str] | None = None
+    init_r: int = 12
+    target_r: int = 8
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    init: str = "adalora"
+    prune_mode: str = "mask"
+    total_step: int | None = None
+    tinit: int = 0
+    tfinal: int = 0
+    delta_t: int = 1
+    budget_unit: str = "triplets"
+    beta1: float = 0.85
+    beta2: float = 0.85
+    score: str = "snr"
+    score_eps: float = 1e-12
+    orth_reg_weight: float = 0.5
+    ig_rule: str = "trapezoid"
+    ig_steps: int = 4
+    ig_every: int = 1
+    ig_fraction: float = 0.25
+    stochastic_grid: int = 20
+    seed: int = 0
+    base_model_name_or_path: str | None = None
+
+    def __post_init__(self) -> None:
+        def fail(name: str, why: str) -> None:
+            raise ValueError(f"IGULoraConfig.{name}={getattr(self, name)!r}: {why}")
+
+        if isinstance(self.target_modules, (list, tuple)):
+            if not self.target_modules or not all(isinstance(t, str) for t in self.target_modules):
+                fail("target_modules", "must be a non-empty list of names, a regex or 'all-linear'")
+            self.target_modules = list(self.target_modules)
+        elif not isinstance(self.target_modules, str) or not self.target_modules:
+            fail("target_modules", "must be a non-empty list of names, a regex or 'all-linear'")
+        if not isinstance(self.init_r, int) or self.init_r < 1:
+            fail("init_r", "must be an integer >= 1")
+        if not isinstance(self.target_r, int) or not 0 <= self.target_r <= self.init_r:
+            fail("target_r", f"must be an integer in [0, init_r={self.init_r}]")
+        if not self.lora_alpha > 0:
+            fail("lora_alpha", "must be > 0")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            fail("lora_dropout", "must be in [0, 1)")
+        for name, allowed in (
+            ("init", INITS),
+            ("prune_mode", PRUNE_MODES),
+            ("budget_unit", BUDGET_UNITS),
+            ("score", SCORES),
+            ("ig_rule", RULES),
+        ):
+            if getattr(self, name) not in allowed:
+                fail(name, f"must be one of {allowed}")
+        if not isinstance(self.total_step, int) or self.total_step < 1:
+            fail("total_step", "must be set to the number of optimizer steps (an integer >= 1)")
+        for name in ("tinit", "tfinal"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                fail(name, "must be an integer >= 0")
+        if self.tinit + self.tfinal >= self.total_step:
+            fail(
+                "tfinal",
+                f"tinit + tfinal = {self.tinit + self.tfinal} leaves no budget phase before "
+                f"total_step={self.total_step}",
+            )
+        for name in ("beta1", "beta2"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                fail(name, "must be in (0, 1)")
+        for name in ("delta_t", "ig_steps", "ig_every", "stochastic_grid"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                fail(name, "must be an integer >= 1")
+        if not 0.0 < self.ig_fraction <= 1.0:
+            fail("ig_fraction", "must be in (0, 1]")
+        if self.score_eps < 0:
+            fail("score_eps", "must be >= 0")
+        if self.orth_reg_weight < 0:
+            fail("orth_reg_weight", "must be >= 0")
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / self.init_r
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> IGULoraConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"IGULoraConfig: unknown fields {unknown}")
+        return cls(**data)

@@ -1,0 +1,268 @@
+"""Parameter-space Integrated Gradients of the adapters (method.md, sections 2 and 4).
+
+Two ways to evaluate the path integral ``IG = theta * int_0^1 dL/dtheta(alpha theta) d alpha``:
+
+- :func:`integrated_gradients` evaluates the quadrature nodes one by one (the reference; also the
+  user-facing attribution API with a completeness check);
+- :func:`batched_ig_loss` stacks node copies of an IG sub-batch next to the training batch, so
+  one forward/backward yields the training gradient (in ``.grad``) and the IG estimate (in each
+  layer's ``ig_buffers``).
+
+On the path every adapter output is scaled by ``alpha^3``; autograd through that forward returns
+``alpha * g(alpha)``, so node j contributes ``(w_j / alpha_j) * autograd_j``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from igulora.layer import IGULoraLinear, RowPlan
+from igulora.quadrature import Quadrature, quadrature
+
+Batch = Mapping[str, torch.Tensor]
+RowLossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, torch.Tensor]]
+
+ADAPTER_PARAMS = ("lora_A", "lora_E", "lora_B")
+
+
+def adapter_layers(model: nn.Module) -> dict[str, IGULoraLinear]:
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, IGULoraLinear)}
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no IGULoraLinear adapters; call get_igu_model")
+    return layers
+
+
+def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Adapter parameters keyed as in ``model.named_parameters()``."""
+    return {
+        f"{name}.{p}": getattr(layer, p)
+        for name, layer in adapter_layers(model).items()
+        for p in ADAPTER_PARAMS
+    }
+
+
+@contextlib.contextmanager
+def path_point(model: nn.Module, alpha: float) -> Iterator[None]:
+    """Evaluate the model at ``alpha * theta``: every adapter output scaled by alpha^3."""
+    layers = adapter_layers(model).values()
+    for layer in layers:
+        layer.node_scale = alpha**3
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.node_scale = 1.0
+
+
+@dataclass
+class IGResult:
+    attributions: dict[str, torch.Tensor]
+    loss: float  # L(theta)
+    baseline_loss: float  # L(0), the base model
+    delta: float  # sum(attributions) - (loss - baseline_loss): the completeness residual
+
+    @property
+    def total(self) -> float:
+        return float(sum(a.sum() for a in self.attributions.values()))
+
+
+def integrated_gradients(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Batch], torch.Tensor],
+    batch: Batch,
+    *,
+    steps: int,
+    rule: str = "gauss_legendre",
+    seed: int = 0,
+    grid: int = 20,
+) -> IGResult:
+    """IG of every adapter parameter along ``alpha * theta`` from the zero adapter.
+
+    ``loss_fn(model, batch)`` returns a scalar. Nodes are evaluated one by one; ``.grad`` is not
+    touched. ``seed`` and ``grid`` only matter for ``rule="stochastic"``.
+    """
+    params = adapter_parameters(model)
+    generator = torch.Generator().manual_seed(seed)
+    quad = quadrature(rule, steps, grid=grid, generator=generator)
+    with torch.no_grad():
+        loss = float(loss_fn(model, batch))
+        with path_point(model, 0.0):
+            baseline_loss = float(loss_fn(model, batch))
+    path_grad = {name: torch.zeros_like(p) for name, p in params.items()}
+    for alpha, weight in quad:
+        with path_point(model, alpha):
+            node_loss = loss_fn(model, batch)
+        grads = torch.autograd.grad(node_loss, list(params.values()), allow_unused=True)
+        for (name, acc), g in zip(path_grad.items(), grads):
+            if g is not None:
+                acc.add_(g, alpha=weight / alpha)
+    attributions = {name: (params[name] * acc).detach() for name, acc in path_grad.items()}
+    result = IGResult(attributions, loss, baseline_loss, delta=0.0)
+    result.delta = result.total - (loss - baseline_loss)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Batched node evaluation
+
+
+@dataclass
+class NodeBatch:
+    """A training batch stacked with node copies of an IG sub-batch.
+
+    ``batch`` holds the stacked inputs: rows [0, n_train) are the training batch (alpha = 1),
+    then one block of ``len(ig_index)`` rows per node in ``nodes`` (those with alpha < 1; the
+    alpha = 1 node is evaluated on the full training batch). ``groups`` numbers each row's loss
+    group: 0 = training, j = node j.
+    """
+
+    batch: dict[str, torch.Tensor]
+    plan: RowPlan
+    groups: torch.Tensor
+    ig_index: torch.Tensor
+    quadrature: Quadrature
+
+
+def build_node_batch(
+    batch: Batch, quad: Quadrature, ig_fraction: float, generator: torch.Generator | None = None
+) -> NodeBatch:
+    """Stack ``batch`` with node copies of a random ``ig_fraction`` sub-batch."""
+    tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise ValueError("batch holds no tensors")
+    sizes = {k: v.shape[0] for k, v in tensors.items()}
+    n_train = next(iter(sizes.values()))
+    if any(s != n_train for s in sizes.values()):
+        raise ValueError(f"batch tensors disagree on the batch size (dim 0): {sizes}")
+    device = next(iter(tensors.values())).device
+    n_ig = max(1, round(ig_fraction * n_train))
+    ig_index = torch.randperm(n_train, generator=generator)[:n_ig].sort().values.to(device)
+    inner = [(a, w) for a, w in quad if a < 1.0]
+    stacked = {k: torch.cat([v] + [v[ig_index]] * len(inner)) for k, v in tensors.items()}
+    n_rows = n_train + n_ig * len(inner)
+    scale = torch.ones(n_rows, dtype=torch.float64)
+    ig_coef = torch.full((n_rows,), quad.weight_at_one(), dtype=torch.float64)
+    train_coef = torch.zeros(n_rows, dtype=torch.float64)
+    train_coef[:n_train] = 1.0
+    groups = torch.zeros(n_rows, dtype=torch.long)
+    for j, (alpha, weight) in enumerate(inner):
+        rows = slice(n_train + j * n_ig, n_train + (j + 1) * n_ig)
+        scale[rows], ig_coef[rows], groups[rows] = alpha**3, weight / alpha, j + 1
+    plan = RowPlan(scale.to(device), train_coef.to(device), ig_coef.to(device))
+    return NodeBatch(stacked, plan, groups.to(device), ig_index, quad)
+
+
+@contextlib.contextmanager
+def batched_plan(model: nn.Module, plan: RowPlan) -> Iterator[None]:
+    """Route every adapter through the batched IG op for the duration of a forward."""
+    layers = adapter_layers(model).values()
+    for layer in layers:
+        layer.row_plan = plan
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.row_plan = None
+
+
+def ensure_ig_buffers(model: nn.Module) -> None:
+    """Give every adapter zeroed IG accumulators (they add up over micro-batches)."""
+    for layer in adapter_layers(model).values():
+        if layer.ig_buffers is None:
+            layer.ig_buffers = tuple(torch.zeros_like(getattr(layer, p)) for p in ADAPTER_PARAMS)
+
+
+def group_mean_losses(row_loss: torch.Tensor, row_count: torch.Tensor, groups: torch.Tensor):
+    """Per-group mean losses: sum of row losses over sum of row counts in each group."""
+    n_groups = int(groups.max()) + 1
+    sums = torch.zeros(n_groups, dtype=row_loss.dtype, device=row_loss.device)
+    counts = torch.zeros(n_groups, dtype=row_count.dtype, device=row_count.device)
+    sums = sums.index_add(0, groups, row_loss)
+    counts = counts.index_add(0, groups, row_count)
+    return sums / counts.clamp_min(1).to(sums.dtype)
+
+
+def batched_ig_loss(
+    model: nn.Module, row_loss_fn: RowLossFn, node_batch: NodeBatch
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward the stacked batch; returns (loss to backpropagate, training-group loss).
+
+    The backpropagated loss is the SUM of per-group mean losses, so each row's output gradient
+    is the one of its own group (method.md, section 4). Backward fills ``.grad`` with the
+    training gradient and adds the IG estimate to every layer's ``ig_buffers``.
+    """
+    ensure_ig_buffers(model)
+    with batched_plan(model, node_batch.plan):
+        row_loss, row_count = row_loss_fn(model, node_batch.batch)
+    group_losses = group_mean_losses(row_loss, row_count, node_batch.groups)
+    return group_losses.sum(), group_losses[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Built-in per-row losses: (sum of the row's loss terms, number of terms) for each row.
+
+
+def _logits(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """The model's logits on ``batch`` without its labels, upcast to at least fp32."""
+    out = model(**{k: v for k, v in batch.items() if k != "labels"})
+    logits = out.logits if hasattr(out, "logits") else out
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+def sequence_classification_row_loss(model: nn.Module, batch: Batch):
+    """Cross-entropy (or MSE for one output) per example; ``batch["labels"]`` holds targets."""
+    logits = _logits(model, batch)
+    labels = batch["labels"]
+    if logits.shape[-1] == 1:
+        loss = F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype), reduction="none")
+    else:
+        loss = F.cross_entropy(logits, labels, reduction="none")
+    return loss, torch.ones_like(loss)
+
+
+def causal_lm_row_loss(model: nn.Module, batch: Batch):
+    """Next-token cross-entropy per sequence: (summed over tokens, number of tokens).
+
+    Labels default to ``input_ids``; positions labelled -100 (and padding) are ignored. Group
+    means then equal Hugging Face's token-mean loss.
+    """
+    logits = _logits(model, batch)
+    labels = batch.get("labels", batch["input_ids"])
+    if "attention_mask" in batch and "labels" not in batch:
+        labels = labels.masked_fill(batch["attention_mask"] == 0, -100)
+    logits, labels = logits[:, :-1], labels[:, 1:]
+    token_loss = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="none"
+    ).view(labels.shape)
+    return token_loss.sum(1), (labels != -100).sum(1).to(token_loss.dtype)
+
+
+def mean_loss(row_loss_fn: RowLossFn) -> Callable[[nn.Module, Batch], torch.Tensor]:
+    """Scalar loss (mean over all terms) from a per-row loss, for :func:`integrated_gradients`."""
+
+    def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
+        row_loss, row_count = row_loss_fn(model, batch)
+        return row_loss.sum() / row_count.sum()
+
+    return loss_fn
+
+
+__all__ = [
+    "IGResult",
+    "NodeBatch",
+    "adapter_layers",
+    "adapter_parameters",
+    "batched_ig_loss",
+    "build_node_batch",
+    "causal_lm_row_loss",
+    "integrated_gradients",
+    "mean_loss",
+    "path_point",
+    "sequence_classification_row_loss",
+]

