@@ -15,6 +15,7 @@ On the path every adapter output is scaled by ``alpha^3``; autograd through that
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -141,7 +142,7 @@ def build_node_batch(
     if any(s != n_train for s in sizes.values()):
         raise ValueError(f"batch tensors disagree on the batch size (dim 0): {sizes}")
     device = next(iter(tensors.values())).device
-    n_ig = max(1, round(ig_fraction * n_train))
+    n_ig = max(1, math.floor(ig_fraction * n_train + 0.5))  # half rounds up
     ig_index = torch.randperm(n_train, generator=generator)[:n_ig].sort().values.to(device)
     inner = [(a, w) for a, w in quad if a < 1.0]
     stacked = {k: torch.cat([v] + [v[ig_index]] * len(inner)) for k, v in tensors.items()}
