@@ -108,9 +108,7 @@ class BatchedIGLoraFunction(torch.autograd.Function):
 
 
 def batched_ig_lora_delta(u, A, E, B, mask, scaling, row_scale, train_coef, ig_coef, ig_buffers):
-    return BatchedIGLoraFunction.apply(
-        u, A, E, B, mask, scaling, row_scale, train_coef, ig_coef, ig_buffers
-    )
+    return BatchedIGLoraFunction.apply(u, A, E, B, mask, scaling, row_scale, train_coef, ig_coef, ig_buffers)
 
 
 def score_update(

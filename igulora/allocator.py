@@ -91,12 +91,19 @@ class RankAllocator:
         c = self.config
         for name, value in importance.items():
             if name not in self.ibar:
-                self.ibar[name] = torch.zeros_like(value, dtype=torch.promote_types(value.dtype, torch.float32))
+                self.ibar[name] = torch.zeros_like(
+                    value, dtype=torch.promote_types(value.dtype, torch.float32)
+                )
                 self.ubar[name] = torch.zeros_like(self.ibar[name])
             self.scores[name] = igu_kernels.score_update(
-                value, self.ibar[name], self.ubar[name],
-                beta1=c.beta1, beta2=c.beta2, score=c.score, eps=c.score_eps,
-            )  # fmt: skip
+                value,
+                self.ibar[name],
+                self.ubar[name],
+                beta1=c.beta1,
+                beta2=c.beta2,
+                score=c.score,
+                eps=c.score_eps,
+            )
         self.num_updates += 1
         return True
 
@@ -184,7 +191,9 @@ class RankAllocator:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        expected = {f"{n}.{p}": getattr(layer, p).shape for n, layer in self.layers.items() for p in ADAPTER_PARAMS}
+        expected = {
+            f"{n}.{p}": getattr(layer, p).shape for n, layer in self.layers.items() for p in ADAPTER_PARAMS
+        }
         for key in ("ibar", "ubar"):
             for name, value in state[key].items():
                 if name not in expected:

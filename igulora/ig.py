@@ -100,7 +100,7 @@ def integrated_gradients(
         with path_point(model, alpha):
             node_loss = loss_fn(model, batch)
         grads = torch.autograd.grad(node_loss, list(params.values()), allow_unused=True)
-        for (name, acc), g in zip(path_grad.items(), grads):
+        for acc, g in zip(path_grad.values(), grads):
             if g is not None:
                 acc.add_(g, alpha=weight / alpha)
     attributions = {name: (params[name] * acc).detach() for name, acc in path_grad.items()}

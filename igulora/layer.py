@@ -139,9 +139,17 @@ class IGULoraLinear(nn.Module):
                     f"has {plan.row_scale.shape[0]}; adapted layers need the batch on dim 0"
                 )
             delta = igu_kernels.batched_ig_lora_delta(
-                u, A, E, B, mask, self.scaling,
-                plan.row_scale, plan.train_coef, plan.ig_coef, self.ig_buffers,
-            )  # fmt: skip
+                u,
+                A,
+                E,
+                B,
+                mask,
+                self.scaling,
+                plan.row_scale,
+                plan.train_coef,
+                plan.ig_coef,
+                self.ig_buffers,
+            )
         return result + delta.to(result.dtype)
 
     def extra_repr(self) -> str:

@@ -146,19 +146,19 @@ class IGUModel(nn.Module):
         for layer in self.adapters.values():
             A, B = layer.lora_A, layer.lora_B
             eye = torch.eye(layer.r, dtype=A.dtype, device=A.device)
-            total = total + torch.linalg.matrix_norm(A @ A.t() - eye) + torch.linalg.matrix_norm(B.t() @ B - eye)
+            total = (
+                total + torch.linalg.matrix_norm(A @ A.t() - eye) + torch.linalg.matrix_norm(B.t() @ B - eye)
+            )
         return total / len(self.adapters)
 
     def is_scoring_step(self) -> bool:
         """Whether this step's forward evaluates the IG nodes (never in the final phase)."""
         c = self.config
-        return (
-            c.ig_rule != "gradient"
-            and self.step % c.ig_every == 0
-            and self.step < c.total_step - c.tfinal
-        )
+        return c.ig_rule != "gradient" and self.step % c.ig_every == 0 and self.step < c.total_step - c.tfinal
 
-    def training_loss(self, batch: Batch, row_loss_fn: RowLossFn = sequence_classification_row_loss) -> torch.Tensor:
+    def training_loss(
+        self, batch: Batch, row_loss_fn: RowLossFn = sequence_classification_row_loss
+    ) -> torch.Tensor:
         """The loss to backpropagate for one (micro-)batch.
 
         On scoring steps the batch is stacked with IG node rows (see :mod:`igulora.ig`) and the
@@ -252,7 +252,9 @@ class IGUModel(nn.Module):
             "config": self.config.to_dict(),
             "step": self.step,
             "allocator": {k: alloc[k] for k in ("num_updates", "skipped_updates", "budget")},
-            "modules": {n: [layer.in_features, layer.out_features, layer.r] for n, layer in self.adapters.items()},
+            "modules": {
+                n: [layer.in_features, layer.out_features, layer.r] for n, layer in self.adapters.items()
+            },
         }
         write_safetensors(directory / IGU_STATE, state)
         write_json(directory / IGU_CONFIG, meta)
@@ -302,7 +304,11 @@ def _check_modules(model: nn.Module, modules: dict[str, list[int]], path: Path) 
         if module is None or not is_adaptable(module):
             raise ValueError(f"{path}: module {name!r} is not a Linear/Conv1D of {type(model).__name__}")
         weight = module.weight
-        shape = (weight.shape[0], weight.shape[1]) if isinstance(module, nn.Linear) else (weight.shape[1], weight.shape[0])
+        shape = (
+            (weight.shape[0], weight.shape[1])
+            if isinstance(module, nn.Linear)
+            else (weight.shape[1], weight.shape[0])
+        )
         if shape != (out_features, in_features):
             raise ValueError(
                 f"{path}: module {name!r} is {shape[1]} -> {shape[0]} in this model but "

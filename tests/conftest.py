@@ -20,9 +20,14 @@ def tiny_llama(dtype=torch.float32, seed=0):
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=61, hidden_size=24, intermediate_size=37, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-    )  # fmt: skip
+        vocab_size=61,
+        hidden_size=24,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
     return LlamaForCausalLM(cfg).to(dtype).eval()
 
 
@@ -39,10 +44,16 @@ def tiny_bert(dtype=torch.float32, seed=0, num_labels=3):
 
     torch.manual_seed(seed)
     cfg = BertConfig(
-        vocab_size=61, hidden_size=24, intermediate_size=37, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=32, num_labels=num_labels,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )  # fmt: skip
+        vocab_size=61,
+        hidden_size=24,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=32,
+        num_labels=num_labels,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     return BertForSequenceClassification(cfg).to(dtype).eval()
 
 

@@ -17,8 +17,13 @@ SCHEDULE = dict(init_r=4, target_r=2, tinit=2, tfinal=3, total_step=16, beta1=0.
 def _peft_model(orth):
     model = tiny_bert(torch.float64, seed=1)
     cfg = peft.AdaLoraConfig(
-        task_type="SEQ_CLS", target_modules=TARGETS, lora_alpha=8, lora_dropout=0.0, deltaT=2,
-        orth_reg_weight=orth, **SCHEDULE,
+        task_type="SEQ_CLS",
+        target_modules=TARGETS,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        deltaT=2,
+        orth_reg_weight=orth,
+        **SCHEDULE,
     )  # SEQ_CLS: PEFT adds the regulariser in this forward and trains the classifier
     return peft.get_peft_model(model, cfg)
 
@@ -26,9 +31,16 @@ def _peft_model(orth):
 def _igu_model_like(peft_model, orth):
     model = tiny_bert(torch.float64, seed=1)
     config = IGULoraConfig(
-        target_modules=TARGETS, modules_to_save=["classifier"], lora_alpha=8, delta_t=2, ig_rule="gradient", score="product",
-        prune_mode="zero", orth_reg_weight=orth / 2, **SCHEDULE,
-    )  # fmt: skip
+        target_modules=TARGETS,
+        modules_to_save=["classifier"],
+        lora_alpha=8,
+        delta_t=2,
+        ig_rule="gradient",
+        score="product",
+        prune_mode="zero",
+        orth_reg_weight=orth / 2,  # PEFT averages over matrices, method.md over adapters
+        **SCHEDULE,
+    )
     igu = get_igu_model(model, config)
     peft_layers = dict(peft_model.base_model.model.named_modules())
     with torch.no_grad():

@@ -66,7 +66,9 @@ def test_ema_recursions_and_scores_in_closed_form():
         triplets = igu.allocator.triplet_scores()
         for name in igu.adapters:
             s = {p: igu.allocator.scores[f"{name}.{p}"] for p in PARAMS}
-            torch.testing.assert_close(triplets[name], s["lora_E"] + s["lora_A"].mean(1) + s["lora_B"].mean(0))
+            torch.testing.assert_close(
+                triplets[name], s["lora_E"] + s["lora_A"].mean(1) + s["lora_B"].mean(0)
+            )
 
 
 def test_keeps_exactly_the_budget_even_with_ties():

@@ -63,7 +63,9 @@ def test_batched_step_gives_training_grad_and_node_by_node_ig(case, rule):
     params = adapter_parameters(igu.model)
     batched_grads = {n: p.grad.clone() for n, p in params.items()}
     batched_ig = {
-        f"{name}.{p}": buf for name, layer in igu.adapters.items() for p, buf in zip(("lora_A", "lora_E", "lora_B"), layer.ig_buffers)
+        f"{name}.{p}": buf
+        for name, layer in igu.adapters.items()
+        for p, buf in zip(("lora_A", "lora_E", "lora_B"), layer.ig_buffers)
     }
     igu.zero_grad()
 

@@ -24,7 +24,9 @@ CLS_LOSS = mean_loss(sequence_classification_row_loss)
 
 def _bert_igu(targets=("query", "value")):
     model = tiny_bert(torch.float64)
-    igu = get_igu_model(model, IGULoraConfig(target_modules=list(targets), init_r=3, target_r=1, total_step=10))
+    igu = get_igu_model(
+        model, IGULoraConfig(target_modules=list(targets), init_r=3, target_r=1, total_step=10)
+    )
     randomize_adapters(igu)
     return igu
 
@@ -83,7 +85,9 @@ def test_closed_form_for_a_loss_linear_in_the_adapter_output():
 def test_completeness_delta_shrinks_like_one_over_steps_squared_for_trapezoid():
     igu = _bert_igu()
     batch = token_batch()
-    deltas = [abs(integrated_gradients(igu, CLS_LOSS, batch, steps=n, rule="trapezoid").delta) for n in (8, 16, 32)]
+    deltas = [
+        abs(integrated_gradients(igu, CLS_LOSS, batch, steps=n, rule="trapezoid").delta) for n in (8, 16, 32)
+    ]
     ratios = [deltas[i] / deltas[i + 1] for i in range(2)]
     assert all(3.0 < r < 5.0 for r in ratios), (deltas, ratios)
     result = integrated_gradients(igu, CLS_LOSS, batch, steps=32, rule="trapezoid")
@@ -118,7 +122,9 @@ def test_matches_captum_integrated_gradients_on_the_flat_adapter_vector():
         for row in flat:
             chunks = row.split([s.numel() for s in shapes])
             values = {n: c.view(s) for n, c, s in zip(names, chunks, shapes)}
-            out = torch.func.functional_call(igu, values, (), {k: v for k, v in batch.items() if k != "labels"})
+            out = torch.func.functional_call(
+                igu, values, (), {k: v for k, v in batch.items() if k != "labels"}
+            )
             losses.append(torch.nn.functional.cross_entropy(out.logits, batch["labels"]))
         return torch.stack(losses)
 

@@ -46,7 +46,9 @@ def test_forward_is_the_svd_form_and_ignores_masked_ranks():
     layer.rank_mask[1] = False
     x = torch.randn(4, 9, dtype=torch.float64)
     m = layer.rank_mask.double()
-    expected = layer.base_layer(x) + 2.0 * x @ (layer.lora_B @ torch.diag(layer.lora_E * m) @ layer.lora_A).t()
+    expected = (
+        layer.base_layer(x) + 2.0 * x @ (layer.lora_B @ torch.diag(layer.lora_E * m) @ layer.lora_A).t()
+    )
     torch.testing.assert_close(layer(x), expected)
     with torch.no_grad():
         layer.lora_E[1] = 123.0  # a masked rank has no effect

@@ -52,9 +52,16 @@ def test_injection_targets_and_identity(factory, targets, expected):
 def test_exclude_and_modules_to_save():
     igu = get_igu_model(
         tiny_bert(),
-        _config(target_modules=["query", "value"], exclude_modules=r".*layer\.0\..*", modules_to_save=["classifier"]),
+        _config(
+            target_modules=["query", "value"],
+            exclude_modules=r".*layer\.0\..*",
+            modules_to_save=["classifier"],
+        ),
     )
-    assert sorted(igu.adapters) == ["bert.encoder.layer.1.attention.self.query", "bert.encoder.layer.1.attention.self.value"]
+    assert sorted(igu.adapters) == [
+        "bert.encoder.layer.1.attention.self.query",
+        "bert.encoder.layer.1.attention.self.value",
+    ]
     trainable = {n for n, p in igu.named_parameters() if p.requires_grad}
     assert {"model.classifier.weight", "model.classifier.bias"} <= trainable
     assert "model.bert.embeddings.word_embeddings.weight" not in trainable
@@ -87,8 +94,11 @@ def test_pretrained_minilm_offline(minilm_path):
     batch = dict(tokenizer(["a fine film", "dull and far too long"], return_tensors="pt", padding=True))
     with torch.no_grad():
         before = model(**batch).logits
-    config = _config(target_modules=["query", "key", "value", "dense"], exclude_modules=["pooler.dense"],
-                     modules_to_save=["classifier"])  # fmt: skip
+    config = _config(
+        target_modules=["query", "key", "value", "dense"],
+        exclude_modules=["pooler.dense"],
+        modules_to_save=["classifier"],
+    )
     igu = get_igu_model(model, config)
     assert len(igu.adapters) == 6 * 6
     with torch.no_grad():

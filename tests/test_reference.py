@@ -16,7 +16,9 @@ def _inputs(n, t, d_in, d_out, r, masked, dtype, seed=0):
 
     u = rand(n, t, d_in).requires_grad_()
     A, E, B = (rand(*s).requires_grad_() for s in ((r, d_in), (r,), (d_out, r)))
-    mask = {"none": None, "partial": torch.arange(r) % 2 == 0, "all": torch.zeros(r, dtype=torch.bool)}[masked]
+    mask = {"none": None, "partial": torch.arange(r) % 2 == 0, "all": torch.zeros(r, dtype=torch.bool)}[
+        masked
+    ]
     row_scale = torch.rand(n, generator=g, dtype=torch.float64)
     train_coef = (torch.arange(n) < (n + 1) // 2).double()
     ig_coef = torch.rand(n, generator=g, dtype=torch.float64)
@@ -57,7 +59,9 @@ def test_low_precision_inputs_accumulate_in_fp32(dtype):
     """Half-precision activations with fp32 adapters: the op computes in fp32; its error against
     an fp64 reference stays within 2x of what rounding the input alone costs, plus atol."""
     n, t, d_in, d_out, r = 4, 3, 33, 17, 5
-    u64, A, E, B, mask, row_scale, train_coef, ig_coef, gy = _inputs(n, t, d_in, d_out, r, "partial", torch.float64)
+    u64, A, E, B, mask, row_scale, train_coef, ig_coef, gy = _inputs(
+        n, t, d_in, d_out, r, "partial", torch.float64
+    )
     A32, E32, B32 = (p.detach().float() for p in (A, E, B))
     u_low = u64.detach().to(dtype)
     ref = reference.lora_delta(u64.detach(), A, E, B, mask, 0.5) * row_scale[:, None, None]

@@ -1,0 +1,48 @@
+"""IGULoraConfig validation: each bad value is a ValueError naming its field."""
+
+from __future__ import annotations
+
+import pytest
+
+from igulora import IGULoraConfig
+
+BASE = dict(total_step=100, tinit=10, tfinal=20)
+
+
+@pytest.mark.parametrize(
+    "field, overrides",
+    [
+        ("target_r", dict(init_r=4, target_r=5)),
+        ("init_r", dict(init_r=0)),
+        ("total_step", dict(total_step=None)),
+        ("total_step", dict(total_step=0)),
+        ("tfinal", dict(tinit=50, tfinal=50)),
+        ("tinit", dict(tinit=-1)),
+        ("beta1", dict(beta1=1.0)),
+        ("beta2", dict(beta2=0.0)),
+        ("ig_rule", dict(ig_rule="simpson")),
+        ("score", dict(score="magnitude")),
+        ("ig_steps", dict(ig_steps=0)),
+        ("ig_every", dict(ig_every=0)),
+        ("ig_fraction", dict(ig_fraction=0.0)),
+        ("ig_fraction", dict(ig_fraction=1.5)),
+        ("lora_dropout", dict(lora_dropout=1.0)),
+        ("delta_t", dict(delta_t=0)),
+        ("budget_unit", dict(budget_unit="bytes")),
+        ("prune_mode", dict(prune_mode="drop")),
+        ("init", dict(init="gaussian")),
+        ("target_modules", dict(target_modules=[])),
+        ("orth_reg_weight", dict(orth_reg_weight=-1.0)),
+    ],
+)
+def test_invalid_values_name_the_field(field, overrides):
+    with pytest.raises(ValueError, match=rf"IGULoraConfig\.{field}="):
+        IGULoraConfig(**{**BASE, **overrides})
+
+
+def test_round_trip_and_unknown_fields():
+    config = IGULoraConfig(target_modules=["q_proj"], **BASE)
+    assert IGULoraConfig.from_dict(config.to_dict()) == config
+    assert config.scaling == config.lora_alpha / config.init_r
+    with pytest.raises(ValueError, match="unknown fields.*'rank'"):
+        IGULoraConfig.from_dict({**config.to_dict(), "rank": 3})
