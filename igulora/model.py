@@ -152,9 +152,16 @@ class IGUModel(nn.Module):
         return total / len(self.adapters)
 
     def is_scoring_step(self) -> bool:
-        """Whether this step's forward evaluates the IG nodes (never in the final phase)."""
+        """Whether this forward evaluates the IG nodes: every ``ig_every`` steps with grad enabled,
+        never in the final phase (masks are frozen there)."""
         c = self.config
-        return c.ig_rule != "gradient" and self.step % c.ig_every == 0 and self.step < c.total_step - c.tfinal
+        in_budget_phase = self.step < c.total_step - c.tfinal
+        return (
+            c.ig_rule != "gradient"
+            and torch.is_grad_enabled()
+            and self.step % c.ig_every == 0
+            and in_budget_phase
+        )
 
     def training_loss(
         self, batch: Batch, row_loss_fn: RowLossFn = sequence_classification_row_loss
