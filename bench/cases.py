@@ -1,0 +1,170 @@
+"""Benchmark cases shared by ``bench/run.py`` and the pytest-benchmark suite.
+
+Each case builds its inputs once and returns, per backend, a zero-argument callable that runs
+one iteration (forward + backward where the op has one). Every backend of a case computes the
+same thing from the same inputs; the eager one is ``igu_kernels.reference``, the oracle.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from igu_kernels import reference
+
+Runner = Callable[[], object]
+
+
+@dataclass
+class Case:
+    op: str
+    shape: dict[str, int]
+    dtype: torch.dtype
+    backends: dict[str, Callable[[], Runner]]  # backend -> builder of the runner
+    bytes_moved: int | None = None  # memory-bound ops: bytes read + written per iteration
+    notes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return "x".join(f"{k}{v}" for k, v in self.shape.items())
+
+
+@dataclass(frozen=True)
+class Preset:
+    tokens: int  # rows of the low-rank linear (batch x sequence)
+    features: int  # in = out features
+    rank: int
+    dtype: torch.dtype
+    score_elements: int
+    model_hidden: int
+    model_layers: int
+    seq_len: int
+
+
+PRESETS = {
+    "cpu": Preset(2048, 1024, 16, torch.float32, 30_000_000, 256, 2, 64),
+    "gpu": Preset(8192, 4096, 64, torch.bfloat16, 30_000_000, 1024, 4, 256),
+    "tiny": Preset(64, 65, 4, torch.float32, 4097, 32, 1, 8),  # smoke runs of the harness itself
+}
+
+
+def triton_runnable(device: torch.device) -> bool:
+    """Triton is timed only on a GPU: interpreter timings are not performance."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _compile(fn):
+    return torch.compile(fn, dynamic=False)
+
+
+def _backward_runner(forward: Callable[[], torch.Tensor], grad: torch.Tensor, leaves) -> Runner:
+    def run():
+        for leaf in leaves:
+            leaf.grad = None
+        forward().backward(grad)
+
+    return run
+
+
+def lora_linear_cases(p: Preset, device: torch.device) -> list[Case]:
+    """The frozen base GEMM alone, eager plain LoRA, and the batched-IG low-rank linear."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def rand(*shape, dtype=torch.float32, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+
+    rows, seq = 4, p.tokens // 4
+    x = rand(rows, seq, p.features, dtype=p.dtype).requires_grad_()
+    weight = rand(p.features, p.features, dtype=p.dtype, scale=p.features**-0.5)
+    A = rand(p.rank, p.features, scale=0.02).requires_grad_()
+    E = rand(p.rank).requires_grad_()
+    B = rand(p.features, p.rank, scale=0.02).requires_grad_()
+    mask = torch.ones(p.rank, dtype=torch.bool, device=device)
+    row_scale = torch.tensor([1.0, 1.0, 0.125, 0.5], device=device)
+    train_coef = torch.tensor([1.0, 1.0, 0.0, 0.0], device=device)
+    ig_coef = torch.tensor([0.25, 0.25, 0.5, 0.5], device=device)
+    buffers = tuple(torch.zeros_like(t) for t in (A, E, B))
+    grad = rand(rows, seq, p.features, dtype=p.dtype)
+    shape = {"tokens": p.tokens, "in": p.features, "out": p.features, "r": p.rank}
+
+    def base():
+        return torch.nn.functional.linear(x, weight)
+
+    def with_base(delta_fn):
+        return lambda: base() + delta_fn().to(p.dtype)
+
+    def batched(impl):
+        return lambda: impl.batched_ig_lora_delta(
+            x, A, E, B, mask, 2.0, row_scale, train_coef, ig_coef, buffers
+        )
+
+    def plain_lora(fn):
+        return lambda: fn(x, A, E, B, mask, 2.0)
+
+    lora = {
+        "eager": lambda: _backward_runner(with_base(batched(reference)), grad, (x, A, E, B)),
+    }
+    if triton_runnable(device):
+        from igu_kernels import lora_linear
+
+        lora["triton"] = lambda: _backward_runner(with_base(batched(lora_linear)), grad, (x, A, E, B))
+    compiled_lora = _compile(reference.lora_delta)
+    return [
+        Case("base_gemm", shape, p.dtype, {"torch": lambda: _backward_runner(base, grad, (x,))}),
+        Case(
+            "plain_lora",
+            shape,
+            p.dtype,
+            {
+                "eager": lambda: _backward_runner(
+                    with_base(plain_lora(reference.lora_delta)), grad, (x, A, E, B)
+                ),
+                "compile": lambda: _backward_runner(with_base(plain_lora(compiled_lora)), grad, (x, A, E, B)),
+            },
+        ),
+        Case(
+            "lora_linear_ig",
+            shape,
+            p.dtype,
+            lora,
+            notes={"compile": "autograd.Function with IG side effects"},
+        ),
+    ]
+
+
+def score_cases(p: Preset, device: torch.device) -> list[Case]:
+    n = p.score_elements
+    g = torch.Generator(device="cpu").manual_seed(1)
+    ig = torch.randn(n, generator=g).to(device)
+    ibar, ubar = torch.rand(n, generator=g).to(device), torch.rand(n, generator=g).to(device)
+    kw = dict(beta1=0.85, beta2=0.85, score="snr", eps=1e-12)
+    compiled = _compile(reference.score_update)
+
+    def runner(fn):
+        return lambda: lambda: fn(ig, ibar, ubar, **kw)
+
+    backends = {"eager": runner(reference.score_update), "compile": runner(compiled)}
+    if triton_runnable(device):
+        from igu_kernels import score
+
+        backends["triton"] = runner(score.score_update)
+    src, dst = torch.rand(n, generator=g).to(device), torch.zeros(n, device=device)  # touched pages
+    return [
+        Case("score_update", {"n": n}, torch.float32, backends, bytes_moved=6 * 4 * n),
+        Case(
+            "copy", {"n": n}, torch.float32, {"torch": lambda: lambda: dst.copy_(src)}, bytes_moved=2 * 4 * n
+        ),
+    ]
+
+
+def all_cases(preset: Preset, device: torch.device) -> list[Case]:
+    from bench.model_cases import model_cases
+
+    return lora_linear_cases(preset, device) + score_cases(preset, device) + model_cases(preset, device)

@@ -1,0 +1,92 @@
+"""Whole-model cases: batched IG nodes vs node-by-node passes, and one IGU training step."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+
+from bench.cases import Case, Preset, triton_runnable
+from igulora import IGULoraConfig, causal_lm_row_loss, get_igu_model, integrated_gradients, mean_loss
+
+NODES = 8
+SEQUENCES = 4
+
+
+@contextlib.contextmanager
+def kernel_backend(name: str) -> Iterator[None]:
+    previous = os.environ.get("IGULORA_BACKEND")
+    os.environ["IGULORA_BACKEND"] = name
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("IGULORA_BACKEND")
+        else:
+            os.environ["IGULORA_BACKEND"] = previous
+
+
+def small_llama_igu(p: Preset, device: torch.device, **config):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=512,
+        hidden_size=p.model_hidden,
+        intermediate_size=2 * p.model_hidden,
+        num_hidden_layers=p.model_layers,
+        num_attention_heads=max(1, p.model_hidden // 64),
+        max_position_embeddings=p.seq_len,
+    )
+    model = LlamaForCausalLM(cfg).to(device=device, dtype=p.dtype)
+    defaults = dict(init_r=p.rank, target_r=p.rank // 2, init="lora", total_step=10**9, delta_t=10**9)
+    igu = get_igu_model(model, IGULoraConfig(**{**defaults, **config}))
+    batch = {"input_ids": torch.randint(0, 512, (SEQUENCES, p.seq_len), device=device)}
+    return igu, batch
+
+
+def model_cases(p: Preset, device: torch.device) -> list[Case]:
+    shape = {"hidden": p.model_hidden, "layers": p.model_layers, "seq": p.seq_len, "batch": SEQUENCES}
+    igu, batch = small_llama_igu(p, device, ig_rule="trapezoid", ig_steps=NODES, ig_fraction=1.0)
+    loss_fn = mean_loss(causal_lm_row_loss)
+
+    def batched(backend: str):
+        def run():
+            with kernel_backend(backend):
+                igu.zero_grad()
+                igu.training_loss(batch, causal_lm_row_loss).backward()
+                for layer in igu.adapters.values():
+                    layer.ig_buffers = None
+
+        return lambda: run
+
+    def sequential():
+        igu.zero_grad()
+        loss_fn(igu, batch).backward()
+        integrated_gradients(igu, loss_fn, batch, steps=NODES, rule="trapezoid")
+
+    nodes = {"eager_batched": batched("eager"), "eager_sequential": lambda: sequential}
+    step = {"eager": lambda: _training_step(igu, batch, "eager")}
+    if triton_runnable(device) and device.type == "cuda":
+        nodes["triton_batched"] = batched("triton")
+        step["triton"] = lambda: _training_step(igu, batch, "triton")
+    return [
+        Case("ig_nodes", {**shape, "nodes": NODES}, p.dtype, nodes),
+        Case("igu_step", shape, p.dtype, step),
+    ]
+
+
+def _training_step(igu, batch, backend: str):
+    optimizer = torch.optim.AdamW([q for q in igu.parameters() if q.requires_grad], lr=1e-4)
+
+    def run():
+        with kernel_backend(backend):
+            loss = igu.training_loss(batch, causal_lm_row_loss)
+            loss.backward()
+            optimizer.step()
+            igu.update_and_allocate(igu.step)
+            optimizer.zero_grad()
+
+    return run

@@ -1,0 +1,118 @@
+"""Run every benchmark case side by side and write JSON records.
+
+    python bench/run.py --json bench/results/cpu.json            # preset by device
+    python bench/run.py --preset tiny --json /tmp/smoke.json      # seconds: checks the harness
+
+Records: {op, backend, shape, dtype, median_ms, gbps, device}. The table gives each backend's
+speed-up over the eager reference of the same case (and over the base GEMM alone for the
+low-rank linear). Triton is timed only on a GPU; interpreter timings are never reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.cases import PRESETS, all_cases  # noqa: E402
+from bench.timing import median_ms  # noqa: E402
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def run(preset_name: str, device: torch.device, repeats: int, ops: set[str] | None) -> list[dict]:
+    preset = PRESETS[preset_name]
+    records = []
+    for case in all_cases(preset, device):
+        if ops and case.op not in ops:
+            continue
+        for backend, build in case.backends.items():
+            record = {
+                "op": case.op,
+                "backend": backend,
+                "shape": case.shape,
+                "dtype": str(case.dtype).removeprefix("torch."),
+                "device": device_name(device),
+                "median_ms": None,
+                "gbps": None,
+            }
+            try:
+                record["median_ms"] = median_ms(build(), device, repeats=repeats)
+            except Exception as error:  # one backend failing (e.g. no compiler) must not stop the run
+                record["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+            if record["median_ms"] and case.bytes_moved:
+                record["gbps"] = case.bytes_moved / (record["median_ms"] * 1e-3) / 1e9
+            records.append(record)
+            print(
+                f"  {case.op:<15} {backend:<17} {record['median_ms'] or record.get('error')}", file=sys.stderr
+            )
+    return records
+
+
+def table(records: list[dict]) -> str:
+    """One row per (op, backend): median, GB/s, speed-up over eager and over the base GEMM."""
+    by_op: dict[str, dict[str, float]] = {}
+    for r in records:
+        if r["median_ms"]:
+            by_op.setdefault(r["op"], {})[r["backend"]] = r["median_ms"]
+    base = by_op.get("base_gemm", {}).get("torch")
+    eager_of = {op: times.get("eager", times.get("eager_sequential")) for op, times in by_op.items()}
+    lines = [f"{'op':<15} {'backend':<17} {'median ms':>10} {'GB/s':>7} {'x eager':>8} {'/ base':>7}"]
+    for r in records:
+        ms = r["median_ms"]
+        if ms is None:
+            lines.append(f"{r['op']:<15} {r['backend']:<17} {'failed':>10}  {r['error']}")
+            continue
+        eager = eager_of.get(r["op"])
+        speedup = f"{eager / ms:8.2f}" if eager else f"{'':>8}"
+        over_base = (
+            f"{ms / base:7.2f}" if base and r["op"] in ("plain_lora", "lora_linear_ig") else f"{'':>7}"
+        )
+        gbps = f"{r['gbps']:7.1f}" if r["gbps"] else f"{'':>7}"
+        lines.append(f"{r['op']:<15} {r['backend']:<17} {ms:10.3f} {gbps} {speedup} {over_base}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--json", type=Path, help="write the records here")
+    parser.add_argument("--preset", choices=["auto", *PRESETS], default="auto")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--ops", nargs="*", help="only these ops")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    preset = ("gpu" if device.type == "cuda" else "cpu") if args.preset == "auto" else args.preset
+    records = run(preset, device, args.repeats, set(args.ops or []))
+    report = table(records)
+    print(report)
+    if args.json:
+        meta = {
+            "command": " ".join(["python bench/run.py", *(argv if argv is not None else sys.argv[1:])]),
+            "date": datetime.date.today().isoformat(),
+            "device": device_name(device),
+            "preset": preset,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"meta": meta, "records": records, "table": report}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
