@@ -1,0 +1,112 @@
+// CPU ops of igulora (ATen + OpenMP through at::parallel_for), registered as torch.ops.igulora.*.
+//
+//   score_update_(ig, ibar!, ubar!, beta1, beta2, eps, snr) -> score
+//       One pass over memory per element: I = |ig|, Ibar <- b1 Ibar + (1-b1) I,
+//       Ubar <- b2 Ubar + (1-b2) |I - Ibar|, score = (Ibar+eps)/(Ubar+eps) or Ibar*Ubar.
+//       Ibar and Ubar are updated in place; math in fp32 (fp64 for fp64 state).
+//   triplet_scores(score_A, score_E, score_B) -> S
+//       S_k = score_E[k] + (mean_j score_A[k, j] + mean_i score_B[i, k]).
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/torch.h>
+
+#include <cmath>
+#include <type_traits>
+
+namespace {
+
+constexpr int64_t kGrain = 1 << 14;  // elements per parallel chunk
+
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+void check_state(const at::Tensor& t, const char* name, const at::Tensor& like) {
+  TORCH_CHECK(t.device().is_cpu(), "igulora::score_update_: ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.is_contiguous(), "igulora::score_update_: ", name, " must be contiguous (it is updated in place)");
+  TORCH_CHECK(t.sizes() == like.sizes(), "igulora::score_update_: ", name, " has shape ", t.sizes(),
+              " but ig has shape ", like.sizes());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "igulora::score_update_: ", name, " must be floating point");
+}
+
+template <typename S, typename G>
+void score_update_kernel(const G* ig, S* ibar, S* ubar, S* score, int64_t n, double beta1, double beta2,
+                         double eps, bool snr) {
+  using A = acc_t<S>;
+  const A b1 = beta1, b2 = beta2, e = eps, c1 = 1 - b1, c2 = 1 - b2;
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const A imp = std::abs(static_cast<A>(ig[i]));
+      const A ib = b1 * static_cast<A>(ibar[i]) + c1 * imp;
+      const A ub = b2 * static_cast<A>(ubar[i]) + c2 * std::abs(imp - ib);
+      ibar[i] = static_cast<S>(ib);
+      ubar[i] = static_cast<S>(ub);
+      score[i] = static_cast<S>(snr ? (ib + e) / (ub + e) : ib * ub);
+    }
+  });
+}
+
+at::Tensor score_update_(const at::Tensor& ig_in, at::Tensor& ibar, at::Tensor& ubar, double beta1, double beta2,
+                         double eps, bool snr) {
+  TORCH_CHECK(ig_in.device().is_cpu(), "igulora::score_update_: ig must be a CPU tensor, got ", ig_in.device());
+  check_state(ibar, "ibar", ig_in);
+  check_state(ubar, "ubar", ig_in);
+  TORCH_CHECK(ibar.scalar_type() == ubar.scalar_type(), "igulora::score_update_: ibar is ", ibar.scalar_type(),
+              " but ubar is ", ubar.scalar_type());
+  const at::Tensor ig = ig_in.contiguous();
+  at::Tensor score = at::empty_like(ibar);
+  const int64_t n = ibar.numel();
+  if (n == 0) return score;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, ibar.scalar_type(), "score_update_state", [&] {
+    using S = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, ig.scalar_type(), "score_update_ig", [&] {
+      score_update_kernel<S, scalar_t>(ig.data_ptr<scalar_t>(), ibar.data_ptr<S>(), ubar.data_ptr<S>(),
+                                       score.data_ptr<S>(), n, beta1, beta2, eps, snr);
+    });
+  });
+  return score;
+}
+
+at::Tensor triplet_scores(const at::Tensor& score_A_in, const at::Tensor& score_E_in, const at::Tensor& score_B_in) {
+  TORCH_CHECK(score_A_in.dim() == 2 && score_E_in.dim() == 1 && score_B_in.dim() == 2,
+              "igulora::triplet_scores: expected score_A (r, in), score_E (r), score_B (out, r); got ",
+              score_A_in.sizes(), ", ", score_E_in.sizes(), ", ", score_B_in.sizes());
+  const int64_t r = score_A_in.size(0), k = score_A_in.size(1), n = score_B_in.size(0);
+  TORCH_CHECK(score_E_in.size(0) == r && score_B_in.size(1) == r, "igulora::triplet_scores: rank mismatch: score_A ",
+              score_A_in.sizes(), ", score_E ", score_E_in.sizes(), ", score_B ", score_B_in.sizes());
+  const auto dtype = score_A_in.scalar_type();
+  TORCH_CHECK(score_E_in.scalar_type() == dtype && score_B_in.scalar_type() == dtype,
+              "igulora::triplet_scores: score_A, score_E and score_B must share a dtype");
+  const at::Tensor a = score_A_in.contiguous(), e = score_E_in.contiguous(), b = score_B_in.contiguous();
+  at::Tensor out = at::empty({r}, a.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "triplet_scores", [&] {
+    using A = acc_t<scalar_t>;
+    const scalar_t *pa = a.data_ptr<scalar_t>(), *pe = e.data_ptr<scalar_t>(), *pb = b.data_ptr<scalar_t>();
+    scalar_t* po = out.data_ptr<scalar_t>();
+    // Column sums of B in one row-major sweep, then one row sum of A per rank.
+    std::vector<A> col(r, A(0));
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < r; ++j) col[j] += static_cast<A>(pb[i * r + j]);
+    at::parallel_for(0, r, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t j = begin; j < end; ++j) {
+        A row = 0;
+        for (int64_t c = 0; c < k; ++c) row += static_cast<A>(pa[j * k + c]);
+        const A mean_a = k ? row / k : A(NAN), mean_b = n ? col[j] / n : A(NAN);
+        po[j] = static_cast<scalar_t>(static_cast<A>(pe[j]) + (mean_a + mean_b));
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(igulora, m) {
+  m.def("score_update_(Tensor ig, Tensor(a!) ibar, Tensor(b!) ubar, float beta1, float beta2, float eps, bool snr)"
+        " -> Tensor");
+  m.def("triplet_scores(Tensor score_A, Tensor score_E, Tensor score_B) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(igulora, CPU, m) {
+  m.impl("score_update_", &score_update_);
+  m.impl("triplet_scores", &triplet_scores);
+}
