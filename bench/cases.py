@@ -42,10 +42,11 @@ class Preset:
     model_hidden: int
     model_layers: int
     seq_len: int
+    minilm: bool = False  # time a pretrained MiniLM training step (CPU: cpp vs eager)
 
 
 PRESETS = {
-    "cpu": Preset(2048, 1024, 16, torch.float32, 30_000_000, 256, 2, 64),
+    "cpu": Preset(2048, 1024, 16, torch.float32, 30_000_000, 256, 2, 64, minilm=True),
     "gpu": Preset(8192, 4096, 64, torch.bfloat16, 30_000_000, 1024, 4, 256),
     "tiny": Preset(64, 65, 4, torch.float32, 4097, 32, 1, 8),  # smoke runs of the harness itself
 }
@@ -58,6 +59,12 @@ def triton_runnable(device: torch.device) -> bool:
     except ImportError:
         return False
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def cpp_runnable(device: torch.device) -> bool:
+    from igu_kernels import cpp
+
+    return device.type == "cpu" and cpp.load()
 
 
 def _compile(fn):
@@ -155,6 +162,10 @@ def score_cases(p: Preset, device: torch.device) -> list[Case]:
         from igu_kernels import score
 
         backends["triton"] = runner(score.score_update)
+    if cpp_runnable(device):
+        from igu_kernels import cpp
+
+        backends["cpp"] = runner(cpp.score_update)
     src, dst = torch.rand(n, generator=g).to(device), torch.zeros(n, device=device)  # touched pages
     return [
         Case("score_update", {"n": n}, torch.float32, backends, bytes_moved=6 * 4 * n),
@@ -164,7 +175,33 @@ def score_cases(p: Preset, device: torch.device) -> list[Case]:
     ]
 
 
+def triplet_cases(p: Preset, device: torch.device) -> list[Case]:
+    """The triplet reduction of one 4096 x 4096 adapter at r = 12 (a 7B Llama projection)."""
+    g = torch.Generator(device="cpu").manual_seed(2)
+    r, d = 12, 4096
+    a, e, b = (torch.rand(*s, generator=g).to(device) for s in ((r, d), (r,), (d, r)))
+    backends = {"eager": lambda: lambda: reference.triplet_scores(a, e, b)}
+    if triton_runnable(device):
+        from igu_kernels import score
+
+        backends["triton"] = lambda: lambda: score.triplet_scores(a, e, b)
+    if cpp_runnable(device):
+        from igu_kernels import cpp
+
+        backends["cpp"] = lambda: lambda: cpp.triplet_scores(a, e, b)
+    return [
+        Case(
+            "triplet_scores",
+            {"r": r, "in": d, "out": d},
+            torch.float32,
+            backends,
+            bytes_moved=4 * r * (2 * d + 2),
+        )
+    ]
+
+
 def all_cases(preset: Preset, device: torch.device) -> list[Case]:
     from bench.model_cases import model_cases
 
-    return lora_linear_cases(preset, device) + score_cases(preset, device) + model_cases(preset, device)
+    cases = lora_linear_cases(preset, device) + score_cases(preset, device) + triplet_cases(preset, device)
+    return cases + model_cases(preset, device)

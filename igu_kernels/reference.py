@@ -120,22 +120,24 @@ def score_update(
     beta2: float,
     score: str,
     eps: float,
+    out: Tensor | None = None,
 ) -> Tensor:
     """One scoring step for one tensor, EMAs updated in place (method.md, section 3).
 
     ``I = |ig|``; ``Ibar <- b1 Ibar + (1-b1) I``; ``Ubar <- b2 Ubar + (1-b2) |I - Ibar|``;
-    returns ``(Ibar + eps) / (Ubar + eps)`` for ``snr`` or ``Ibar * Ubar`` for ``product``.
+    returns ``(Ibar + eps) / (Ubar + eps)`` for ``snr`` or ``Ibar * Ubar`` for ``product``
+    (written into ``out`` when given).
     """
     importance = ig.abs().to(ibar.dtype)
     ibar.mul_(beta1).add_((1 - beta1) * importance)
     ubar.mul_(beta2).add_((1 - beta2) * (importance - ibar).abs())
-    return element_score(ibar, ubar, score=score, eps=eps)
+    return element_score(ibar, ubar, score=score, eps=eps, out=out)
 
 
-def element_score(ibar: Tensor, ubar: Tensor, *, score: str, eps: float) -> Tensor:
+def element_score(ibar: Tensor, ubar: Tensor, *, score: str, eps: float, out: Tensor | None = None) -> Tensor:
     if score == "snr":
-        return (ibar + eps) / (ubar + eps)
-    return ibar * ubar
+        return torch.div(ibar + eps, ubar + eps, out=out)
+    return torch.mul(ibar, ubar, out=out)
 
 
 def triplet_scores(score_A: Tensor, score_E: Tensor, score_B: Tensor) -> Tensor:

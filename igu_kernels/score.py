@@ -74,15 +74,15 @@ def _require_contiguous_fp32(**tensors: torch.Tensor) -> None:
             )
 
 
-def score_update(ig, ibar, ubar, *, beta1, beta2, score, eps):
-    _require_contiguous_fp32(ibar=ibar, ubar=ubar)
+def score_update(ig, ibar, ubar, *, beta1, beta2, score, eps, out=None):
+    out = torch.empty_like(ibar) if out is None else out
+    _require_contiguous_fp32(ibar=ibar, ubar=ubar, out=out)
     if ig.shape != ibar.shape or ubar.shape != ibar.shape:
         raise ValueError(
             f"score_update: shapes differ: ig {tuple(ig.shape)}, "
             f"ibar {tuple(ibar.shape)}, ubar {tuple(ubar.shape)}"
         )
     ig = ig.contiguous()
-    out = torch.empty_like(ibar)
     n = ibar.numel()
     if n:
         _score_update_kernel[(triton.cdiv(n, BLOCK),)](

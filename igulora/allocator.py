@@ -103,6 +103,7 @@ class RankAllocator:
                 beta2=c.beta2,
                 score=c.score,
                 eps=c.score_eps,
+                out=self.scores.get(name),  # reuse last step's buffer
             )
         self.num_updates += 1
         return True
