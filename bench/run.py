@@ -23,7 +23,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.cases import PRESETS, all_cases  # noqa: E402
-from bench.timing import median_ms  # noqa: E402
+from bench.timing import interleaved_median_ms  # noqa: E402
 
 
 def device_name(device: torch.device) -> str:
@@ -38,26 +38,30 @@ def run(preset_name: str, device: torch.device, repeats: int, ops: set[str] | No
     for case in all_cases(preset, device):
         if ops and case.op not in ops:
             continue
+        runners, errors = {}, {}
         for backend, build in case.backends.items():
+            try:
+                runners[backend] = build()
+                runners[backend]()  # fail here, alone, rather than inside the timing loop
+            except Exception as error:  # one backend failing (e.g. no compiler) must not stop the run
+                errors[backend] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+                runners.pop(backend, None)
+        medians = interleaved_median_ms(runners, device, repeats=repeats)
+        for backend in case.backends:
+            ms = medians.get(backend)
             record = {
                 "op": case.op,
                 "backend": backend,
                 "shape": case.shape,
                 "dtype": str(case.dtype).removeprefix("torch."),
                 "device": device_name(device),
-                "median_ms": None,
-                "gbps": None,
+                "median_ms": ms,
+                "gbps": case.bytes_moved / (ms * 1e-3) / 1e9 if ms and case.bytes_moved else None,
             }
-            try:
-                record["median_ms"] = median_ms(build(), device, repeats=repeats)
-            except Exception as error:  # one backend failing (e.g. no compiler) must not stop the run
-                record["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
-            if record["median_ms"] and case.bytes_moved:
-                record["gbps"] = case.bytes_moved / (record["median_ms"] * 1e-3) / 1e9
+            if backend in errors:
+                record["error"] = errors[backend]
             records.append(record)
-            print(
-                f"  {case.op:<15} {backend:<17} {record['median_ms'] or record.get('error')}", file=sys.stderr
-            )
+            print(f"  {case.op:<15} {backend:<17} {ms or errors.get(backend)}", file=sys.stderr)
     return records
 
 
