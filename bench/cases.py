@@ -81,7 +81,8 @@ def _backward_runner(forward: Callable[[], torch.Tensor], grad: torch.Tensor, le
 
 
 def lora_linear_cases(p: Preset, device: torch.device) -> list[Case]:
-    """The frozen base GEMM alone, eager plain LoRA, and the batched-IG low-rank linear."""
+    """Eager plain LoRA and the batched-IG low-rank linear, each timed next to the frozen base
+    GEMM alone (backend ``base_gemm``), so that ``/ base`` compares runs of one round."""
     g = torch.Generator(device="cpu").manual_seed(0)
 
     def rand(*shape, dtype=torch.float32, scale=1.0):
@@ -115,35 +116,22 @@ def lora_linear_cases(p: Preset, device: torch.device) -> list[Case]:
     def plain_lora(fn):
         return lambda: fn(x, A, E, B, mask, 2.0)
 
-    lora = {
-        "eager": lambda: _backward_runner(with_base(batched(reference)), grad, (x, A, E, B)),
-    }
+    def runner(forward, leaves=(x, A, E, B)):
+        return lambda: _backward_runner(forward, grad, leaves)
+
+    base_only = runner(base, (x,))
+    lora = {"base_gemm": base_only, "eager": runner(with_base(batched(reference)))}
     if triton_runnable(device):
         from igu_kernels import lora_linear
 
-        lora["triton"] = lambda: _backward_runner(with_base(batched(lora_linear)), grad, (x, A, E, B))
+        lora["triton"] = runner(with_base(batched(lora_linear)))
     compiled_lora = _compile(reference.lora_delta)
-    return [
-        Case("base_gemm", shape, p.dtype, {"torch": lambda: _backward_runner(base, grad, (x,))}),
-        Case(
-            "plain_lora",
-            shape,
-            p.dtype,
-            {
-                "eager": lambda: _backward_runner(
-                    with_base(plain_lora(reference.lora_delta)), grad, (x, A, E, B)
-                ),
-                "compile": lambda: _backward_runner(with_base(plain_lora(compiled_lora)), grad, (x, A, E, B)),
-            },
-        ),
-        Case(
-            "lora_linear_ig",
-            shape,
-            p.dtype,
-            lora,
-            notes={"compile": "autograd.Function with IG side effects"},
-        ),
-    ]
+    plain = {
+        "base_gemm": base_only,
+        "eager": runner(with_base(plain_lora(reference.lora_delta))),
+        "compile": runner(with_base(plain_lora(compiled_lora))),
+    }
+    return [Case("plain_lora", shape, p.dtype, plain), Case("lora_linear_ig", shape, p.dtype, lora)]
 
 
 def score_cases(p: Preset, device: torch.device) -> list[Case]:

@@ -43,18 +43,27 @@ def lora_delta(
     return (h @ B.to(dtype).t()) * (scaling * scale)
 
 
-def _row_weighted_param_grads(u, h, hs, gy, g_hs, em, mask, scaling, coef):
-    """sum over rows of ``coef_row`` times each row's autograd contribution to (dA, dE, dB).
+def _row_weighted_param_grads(u, h, hs, gy, g_hs, em, mask, scaling, coefs):
+    """For each column c of ``coefs`` (M, C): sum over rows of ``coefs[row, c]`` times the row's
+    autograd contribution to (dA, dE, dB). Returns (dA, dE, dB) stacked on a leading dim C.
 
     ``u`` (M, in) adapter input, ``h = u A^T`` and ``hs = h * em * c`` (M, r), ``gy`` (M, out),
     ``g_hs = s * (gy B) * c`` (M, r): the gradient reaching ``h * em``, row scale included.
+    The C reductions share one GEMM each for A and B, so ``u`` and ``gy`` are read once; the
+    row coefficients scale the (M, r) factors, never the wide (M, in/out) ones.
     """
-    weighted = g_hs * coef[:, None]
-    dA = (weighted * em).t() @ u
-    dE = (weighted * h).sum(0)
+    rows, r = h.shape
+    n_sets = coefs.shape[1]
+
+    def per_set(x):  # (M, r) -> (M, C * r): x scaled by each coefficient set
+        return (x[:, None, :] * coefs[:, :, None]).reshape(rows, n_sets * r)
+
+    weighted = per_set(g_hs)
+    dA = ((weighted * em.repeat(n_sets)).t() @ u).view(n_sets, r, -1)
+    dE = (weighted * h.repeat(1, n_sets)).sum(0).view(n_sets, r)
     if mask is not None:
         dE = dE * mask.to(dE.dtype)
-    dB = scaling * (gy * coef[:, None]).t() @ hs
+    dB = (scaling * (gy.t() @ per_set(hs))).view(-1, n_sets, r).transpose(0, 1)
     return dA, dE, dB
 
 
@@ -95,13 +104,12 @@ class BatchedIGLoraFunction(torch.autograd.Function):
         g_hs = (gy2 @ B.to(dtype)) * s * c[:, None]  # gradient w.r.t. h*em, row scale included
         du = ((g_hs * em) @ A.to(dtype)).reshape(ctx.in_shape).to(ctx.in_dtype)
 
-        def reduce(coef_rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-            coef = coef_rows.to(dtype).repeat_interleave(ctx.per_row)
-            return _row_weighted_param_grads(u2, h, hs, gy2, g_hs, em, mask, s, coef)
-
-        grads = reduce(ctx.train_coef)
+        coef_rows = [ctx.train_coef] if ctx.ig_buffers is None else [ctx.train_coef, ctx.ig_coef]
+        coefs = torch.stack(coef_rows, dim=1).to(dtype).repeat_interleave(ctx.per_row, dim=0)
+        dA_all, dE_all, dB_all = _row_weighted_param_grads(u2, h, hs, gy2, g_hs, em, mask, s, coefs)
+        grads = (dA_all[0], dE_all[0], dB_all[0])
         if ctx.ig_buffers is not None:
-            for buf, theta, g in zip(ctx.ig_buffers, (A, E, B), reduce(ctx.ig_coef)):
+            for buf, theta, g in zip(ctx.ig_buffers, (A, E, B), (dA_all[1], dE_all[1], dB_all[1])):
                 buf.add_((theta.to(dtype) * g).to(buf.dtype))
         dA, dE, dB = (g.to(p.dtype) for g, p in zip(grads, (A, E, B)))
         return du, dA, dE, dB, None, None, None, None, None, None
