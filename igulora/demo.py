@@ -9,7 +9,6 @@ next-token distributions. A good importance score gives the planted modules thei
 from __future__ import annotations
 
 import copy
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +18,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from igulora.config import IGULoraConfig
-from igulora.model import IGUModel, get_igu_model
+from igulora.metrics import MetricsLogger, allocation_metrics
+from igulora.model import get_igu_model
+from igulora.plots import rank_heatmap, training_curves
 
 PLANTED = {
     "model.layers.0.self_attn.v_proj": 4,
@@ -128,7 +129,9 @@ def run_demo(
     igu = get_igu_model(student_base, config)
     optimizer = torch.optim.AdamW([p for p in igu.parameters() if p.requires_grad], lr=lr)
     order = torch.Generator().manual_seed(seed + 3)
-    rows = []
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "metrics.csv").unlink(missing_ok=True)
+    metrics = MetricsLogger(output_dir / "metrics.csv")
     bar = tqdm(range(steps), desc=f"igulora demo ({rule})", disable=not progress)
     for step in bar:
         index = torch.randint(0, data.shape[0], (batch_size,), generator=order)
@@ -138,22 +141,16 @@ def run_demo(
         optimizer.step()
         igu.update_and_allocate(step)
         optimizer.zero_grad()
-        rows.append((step, float(igu.last_loss), igu.allocator.budget, sum(igu.active_ranks.values())))
-        bar.set_postfix(loss=f"{rows[-1][1]:.4f}", ranks=rows[-1][3])
+        metrics.log(allocation_metrics(igu, step, float(igu.last_loss)))
+        bar.set_postfix(loss=f"{metrics.rows[-1]['loss']:.4f}", ranks=metrics.rows[-1]["active_rank"])
 
     allocated = igu.active_ranks
-    result = DemoResult(PLANTED, allocated, recovery_score(PLANTED, allocated), rows[-1][1], output_dir)
-    save_outputs(igu, rows, output_dir)
-    return result
-
-
-def save_outputs(igu: IGUModel, rows: list[tuple], output_dir: Path) -> None:
-    output_dir.mkdir(parents=True, exist_ok=True)
     igu.save_pretrained(output_dir / "adapter")
-    with open(output_dir / "metrics.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["step", "loss", "budget", "active_rank"])
-        writer.writerows(rows)
+    rank_heatmap(allocated, output_dir / "rank_heatmap.png", planted=PLANTED)
+    training_curves(metrics.rows, output_dir / "training_curves.png")
+    return DemoResult(
+        PLANTED, allocated, recovery_score(PLANTED, allocated), metrics.rows[-1]["loss"], output_dir
+    )
 
 
 def format_report(result: DemoResult) -> str:
@@ -165,5 +162,5 @@ def format_report(result: DemoResult) -> str:
             lines.append(f"{name:<{width}}  {planted:>7}  {rank:>9}")
     lines.append(f"recovery score: {result.recovery:.2f} (share of planted rank on the planted modules)")
     lines.append(f"final distillation loss: {result.final_loss:.4f}")
-    lines.append(f"adapter, metrics.csv: {result.output_dir}")
+    lines.append(f"adapter, metrics.csv, rank_heatmap.png, training_curves.png: {result.output_dir}")
     return "\n".join(lines)

@@ -1,0 +1,43 @@
+"""Plot helpers: the layer grid they draw from, and that they write images."""
+
+from __future__ import annotations
+
+import math
+
+from igulora.metrics import MetricsLogger
+from igulora.plots import layer_grid, rank_heatmap, training_curves
+
+
+def test_layer_grid_splits_names_at_the_layer_index():
+    layers, kinds, grid = layer_grid(
+        {"model.layers.0.self_attn.q_proj": 3, "model.layers.1.self_attn.q_proj": 1, "model.layers.1.mlp.up_proj": 2,
+         "pooler.dense": 5}
+    )  # fmt: skip
+    assert layers == [-1, 0, 1] and kinds == ["mlp.up_proj", "pooler.dense", "self_attn.q_proj"]
+    assert grid[1, 2] == 3 and grid[2, 0] == 2 and grid[0, 1] == 5 and math.isnan(grid[1, 0])
+
+
+def test_plots_and_metrics_files(tmp_path):
+    ranks = {
+        f"encoder.layer.{i}.attention.self.{m}": i + j
+        for i in range(3)
+        for j, m in enumerate(["query", "value"])
+    }
+    assert (
+        rank_heatmap(ranks, tmp_path / "heat.png", planted={"encoder.layer.0.attention.self.query": 2})
+        .stat()
+        .st_size
+    )
+    logger = MetricsLogger(tmp_path / "metrics.csv")
+    for step in range(4):
+        logger.log(
+            {
+                "step": step,
+                "loss": 1.0 / (step + 1),
+                "budget": 6 - step,
+                "active_rank": 6 - step,
+                "mean_score": 1.0,
+            }
+        )
+    assert (tmp_path / "metrics.csv").read_text().splitlines()[2] == "1,0.5,5,5,1.0"
+    assert training_curves(logger.rows, tmp_path / "curves.png").stat().st_size
