@@ -9,10 +9,13 @@ from igulora.plots import layer_grid, rank_heatmap, training_curves
 
 
 def test_layer_grid_splits_names_at_the_layer_index():
-    layers, kinds, grid = layer_grid(
-        {"model.layers.0.self_attn.q_proj": 3, "model.layers.1.self_attn.q_proj": 1, "model.layers.1.mlp.up_proj": 2,
-         "pooler.dense": 5}
-    )  # fmt: skip
+    ranks = {
+        "model.layers.0.self_attn.q_proj": 3,
+        "model.layers.1.self_attn.q_proj": 1,
+        "model.layers.1.mlp.up_proj": 2,
+        "pooler.dense": 5,
+    }
+    layers, kinds, grid = layer_grid(ranks)
     assert layers == [-1, 0, 1] and kinds == ["mlp.up_proj", "pooler.dense", "self_attn.q_proj"]
     assert grid[1, 2] == 3 and grid[2, 0] == 2 and grid[0, 1] == 5 and math.isnan(grid[1, 0])
 
