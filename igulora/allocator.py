@@ -5,12 +5,25 @@ from __future__ import annotations
 import warnings
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 import igu_kernels
 from igulora.config import IGULoraConfig
 from igulora.ig import ADAPTER_PARAMS, adapter_layers
 from igulora.layer import IGULoraLinear
+
+
+def all_reduce_mean(tensors: list[torch.Tensor]) -> None:
+    """Average ``tensors`` in place over the ranks of the default process group (if any), in one
+    flattened all-reduce, so every rank scores the same IG and keeps identical masks."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for t, chunk in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(chunk.view_as(t))
 
 
 class RankAllocator:
@@ -79,6 +92,8 @@ class RankAllocator:
             layer.ig_buffers = None  # consumed: the next batched IG step starts from zero
         if importance is None:
             return False
+        if self.config.ig_rule != "gradient":  # DDP already averaged .grad; IG buffers are local
+            all_reduce_mean(list(importance.values()))
         if not all(bool(torch.isfinite(v).all()) for v in importance.values()):
             self.skipped_updates += 1
             warnings.warn(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import re
 from pathlib import Path
@@ -124,9 +126,38 @@ class IGUModel(nn.Module):
         self.step = 0  # optimizer steps taken: update_and_allocate(step) sets it to step + 1
         self.last_loss: torch.Tensor | None = None
         self._node_generator = torch.Generator().manual_seed(config.seed)
+        self._allocation_calls = 0
+        self._probe_version = self._adapter_version()
+        self._updates_seen = 0
+        self.train(model.training)
+        # Advertise the wrapped model's forward signature (Trainer keeps only the batch columns
+        # that forward accepts).
+        self.forward = functools.partial(IGUModel.forward, self)
+        self.forward.__signature__ = inspect.signature(model.forward)
 
     def forward(self, *args, **kwargs):
+        self._check_allocation()
         return self.model(*args, **kwargs)
+
+    def _adapter_version(self) -> int:
+        """In-place updates of the first adapter so far: an optimizer step bumps it."""
+        return next(iter(self.adapters.values())).lora_A._version
+
+    def _check_allocation(self) -> None:
+        """Fail loudly when the optimizer keeps stepping but update_and_allocate() is never called:
+        that would silently train a plain fixed-rank adapter."""
+        if not (self.training and torch.is_grad_enabled()) or self._allocation_calls:
+            return
+        if self._adapter_version() != self._probe_version:
+            self._probe_version = self._adapter_version()
+            self._updates_seen += 1
+        limit = self.config.tinit + self.config.delta_t + 1  # + 1: one load or manual write is fine
+        if self._updates_seen > limit:
+            raise RuntimeError(
+                f"IGU-LoRA: the adapters were updated {self._updates_seen} times but update_and_allocate() "
+                f"was never called (tinit + delta_t + 1 = {limit}). Call igu.update_and_allocate(step) after "
+                "every optimizer.step(), or train with igulora.IGUTrainer."
+            )
 
     @property
     def adapters(self) -> dict[str, IGULoraLinear]:
@@ -164,21 +195,26 @@ class IGUModel(nn.Module):
         )
 
     def training_loss(
-        self, batch: Batch, row_loss_fn: RowLossFn = sequence_classification_row_loss
+        self,
+        batch: Batch,
+        row_loss_fn: RowLossFn = sequence_classification_row_loss,
+        module: nn.Module | None = None,
     ) -> torch.Tensor:
         """The loss to backpropagate for one (micro-)batch.
 
         On scoring steps the batch is stacked with IG node rows (see :mod:`igulora.ig`) and the
         loss is the sum of per-group mean losses; otherwise it is the plain mean loss. The
         orthogonality regulariser is added. ``self.last_loss`` holds the training-group loss.
+        ``module`` is what ``row_loss_fn`` calls: this model (default) or a wrapper of it (DDP).
         """
+        module = self if module is None else module
         if self.is_scoring_step():
             c = self.config
             quad = quadrature(c.ig_rule, c.ig_steps, grid=c.stochastic_grid, generator=self._node_generator)
             node_batch = build_node_batch(batch, quad, c.ig_fraction, self._node_generator)
-            loss, train_loss = batched_ig_loss(self.model, row_loss_fn, node_batch)
+            loss, train_loss = batched_ig_loss(module, row_loss_fn, node_batch)
         else:
-            loss = train_loss = mean_loss(row_loss_fn)(self.model, batch)
+            loss = train_loss = mean_loss(row_loss_fn)(module, batch)
         self.last_loss = train_loss.detach()
         if self.config.orth_reg_weight > 0:
             loss = loss + self.config.orth_reg_weight * self.orthogonality_loss()
@@ -186,6 +222,7 @@ class IGUModel(nn.Module):
 
     def update_and_allocate(self, step: int) -> dict[str, list[bool]] | None:
         """Call after ``optimizer.step()`` with the 0-based optimizer step."""
+        self._allocation_calls += 1
         self.step = step + 1
         return self.allocator.update_and_allocate(step)
 

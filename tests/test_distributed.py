@@ -1,0 +1,19 @@
+"""DDP on 2 gloo processes: IG is all-reduced, so every rank keeps the masks of one big batch."""
+
+from __future__ import annotations
+
+import torch
+import torch.multiprocessing as mp
+from ddp_worker import run, train
+
+
+def test_two_process_ddp_matches_a_single_process_run(tmp_path):
+    mp.spawn(run, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    single = train(rank=0, world=1)
+    kept = sum(map(sum, single["pattern"].values()))
+    assert kept == 2 * len(single["pattern"]) < 4 * len(single["pattern"])
+    for result in ranks:
+        assert result["pattern"] == single["pattern"]
+        for name, value in single["weights"].items():
+            torch.testing.assert_close(result["weights"][name], value, rtol=1e-9, atol=1e-12, msg=name)

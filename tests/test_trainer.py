@@ -1,0 +1,67 @@
+"""IGUTrainer (Hugging Face) and the guard against a forgotten update_and_allocate()."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_bert, token_batch
+
+from igulora import IGULoraConfig, get_igu_model
+
+transformers = pytest.importorskip("transformers")
+from igulora.trainer import IGUTrainer  # noqa: E402
+
+STEPS = 8
+
+
+def _config(**kw):
+    base = dict(target_modules=["query", "value"], modules_to_save=["classifier"], init_r=4, target_r=2,
+                init="lora", total_step=STEPS, tinit=2, tfinal=2, delta_t=1, ig_steps=2, ig_fraction=1.0)  # fmt: skip
+    return IGULoraConfig(**{**base, **kw})
+
+
+def _dataset(n=64):
+    batch = token_batch(n=n, t=6, seed=7)
+    return [{k: v[i] for k, v in batch.items()} for i in range(n)]
+
+
+def _train(tmp_path, batch_size, accumulation, **kw):
+    igu = get_igu_model(tiny_bert(torch.float64, seed=2), _config(**kw))
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=STEPS, per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation, learning_rate=1e-2, lr_scheduler_type="constant",
+        report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, seed=0,
+    )  # fmt: skip
+    trainer = IGUTrainer(igu, args=args, train_dataset=_dataset())
+    trainer.train()
+    return igu
+
+
+def test_trainer_allocates_every_step_and_accumulation_matches_a_big_batch(tmp_path):
+    accumulated = _train(tmp_path / "a", batch_size=4, accumulation=2)
+    big = _train(tmp_path / "b", batch_size=8, accumulation=1)
+    assert accumulated.step == STEPS and accumulated.allocator.num_updates == STEPS - 2
+    assert sum(accumulated.active_ranks.values()) == 2 * len(accumulated.adapters)
+    assert accumulated.rank_pattern == big.rank_pattern
+    for (name, p), q in zip(accumulated.named_parameters(), big.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_trainer_rejects_a_plain_model(tmp_path):
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    with pytest.raises(TypeError, match="needs an IGUModel"):
+        IGUTrainer(tiny_bert(), args=args)
+
+
+def test_forgetting_update_and_allocate_fails_loudly():
+    igu = get_igu_model(tiny_bert(), _config(tinit=2, delta_t=3))
+    igu.train()
+    optimizer = torch.optim.SGD([p for p in igu.parameters() if p.requires_grad], lr=0.1)
+    batch = token_batch()
+    with pytest.raises(RuntimeError, match=r"update_and_allocate\(\) was never called"):
+        for _ in range(10):
+            igu.training_loss(batch).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    assert igu._updates_seen == 2 + 3 + 2
