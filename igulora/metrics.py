@@ -33,7 +33,10 @@ class MetricsLogger:
         self.path = Path(path)
         self.columns = columns
         self.rows: list[dict[str, float]] = []
-        if not self.path.exists():
+        if self.path.exists():  # resuming: earlier rows stay part of the run
+            with open(self.path, newline="") as f:
+                self.rows = [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+        else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "w", newline="") as f:
                 csv.writer(f).writerow(columns)
