@@ -73,19 +73,25 @@ def _finetune(args) -> None:
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in final.items()))
 
 
-def _bench(args) -> None:
+def _bench(bench_args: list[str]) -> None:
+    """Run bench/run.py with ``bench_args``; its --help lists them."""
     if not BENCH.is_file():
         raise CliError(f"{BENCH} not found: 'igulora bench' needs the source checkout (pip install -e .)")
-    sys.argv = [str(BENCH), *args.bench_args]
+    sys.argv = [str(BENCH), *bench_args]
     runpy.run_path(str(BENCH), run_name="__main__")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        command, args = "bench", argv[1:]  # everything after 'bench' belongs to bench/run.py
+    else:
+        args = build_parser().parse_args(argv)
+        command = args.command
     try:
-        {"demo": _demo, "finetune": _finetune, "bench": _bench}[args.command](args)
+        {"demo": _demo, "finetune": _finetune, "bench": _bench}[command](args)
     except CliError as error:
-        print(f"igulora {args.command}: error: {error}", file=sys.stderr)
+        print(f"igulora {command}: error: {error}", file=sys.stderr)
         return 2
     except SystemExit as exit_:  # bench/run.py exits with its status
         return int(exit_.code or 0)

@@ -230,8 +230,13 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 
 def run_finetune(args: FinetuneArgs) -> dict[str, float]:
     output_dir = Path(args.output_dir)
-    load = dict(task=args.task, data_format=args.data_format, text_column=args.text_column,
-                text_pair_column=args.text_pair_column, label_column=args.label_column)  # fmt: skip
+    load = dict(
+        task=args.task,
+        data_format=args.data_format,
+        text_column=args.text_column,
+        text_pair_column=args.text_pair_column,
+        label_column=args.label_column,
+    )
     train = load_examples(args.data, **load)
     evals = load_examples(args.eval_data, **load) if args.eval_data else []
     num_labels = max(e.label for e in train + evals) + 1 if args.task == "classification" else None
@@ -258,8 +263,13 @@ def run_finetune(args: FinetuneArgs) -> dict[str, float]:
     metrics = _metrics_logger(output_dir, keep_below=start)
     row_loss = sequence_classification_row_loss if args.task == "classification" else causal_lm_row_loss
     batches = Batches(train, tokenizer, args)
-    bar = tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, desc="igulora finetune",
-               disable=not args.progress)  # fmt: skip
+    bar = tqdm(
+        range(start, args.max_steps),
+        initial=start,
+        total=args.max_steps,
+        desc="igulora finetune",
+        disable=not args.progress,
+    )
     for step in bar:
         igu.training_loss(batches(step), row_loss).backward()
         optimizer.step()

@@ -15,9 +15,18 @@ GLOBAL_BATCH = 8
 
 def config() -> IGULoraConfig:
     return IGULoraConfig(
-        target_modules=["query", "value", "intermediate.dense"], modules_to_save=["classifier"], init_r=4,
-        target_r=2, init="lora", total_step=STEPS, tinit=2, tfinal=2, delta_t=1, ig_steps=2, ig_fraction=1.0,
-    )  # fmt: skip
+        target_modules=["query", "value", "intermediate.dense"],
+        modules_to_save=["classifier"],
+        init_r=4,
+        target_r=2,
+        init="lora",
+        total_step=STEPS,
+        tinit=2,
+        tfinal=2,
+        delta_t=1,
+        ig_steps=2,
+        ig_fraction=1.0,
+    )
 
 
 def train(rank: int, world: int, module_wrapper=None) -> dict:

@@ -43,9 +43,13 @@ def _update(impl, ig, ibar, ubar, mode):
 @pytest.mark.parametrize("mode", ["snr", "product"])
 @pytest.mark.parametrize(
     "state_dtype, ig_dtype",
-    [(torch.float32, torch.float32), (torch.float64, torch.float64), (torch.bfloat16, torch.bfloat16),
-     (torch.float32, torch.bfloat16)],
-)  # fmt: skip
+    [
+        (torch.float32, torch.float32),
+        (torch.float64, torch.float64),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.float32, torch.bfloat16),
+    ],
+)
 def test_score_update_matches_reference(n, mode, state_dtype, ig_dtype, threads):
     ig, ibar, ubar = _inputs(n, state_dtype, ig_dtype, seed=n)
     exact = _update(reference, ig.double(), ibar.double(), ubar.double(), mode)

@@ -16,9 +16,18 @@ STEPS = 6
 def _run(backend: str, monkeypatch):
     monkeypatch.setenv("IGULORA_BACKEND", backend)
     config = IGULoraConfig(
-        target_modules=["query", "value"], init_r=4, target_r=2, init="lora", total_step=STEPS,
-        tinit=1, tfinal=2, delta_t=1, ig_steps=3, ig_fraction=0.5, modules_to_save=["classifier"],
-    )  # fmt: skip
+        target_modules=["query", "value"],
+        init_r=4,
+        target_r=2,
+        init="lora",
+        total_step=STEPS,
+        tinit=1,
+        tfinal=2,
+        delta_t=1,
+        ig_steps=3,
+        ig_fraction=0.5,
+        modules_to_save=["classifier"],
+    )
     igu = get_igu_model(tiny_bert(seed=3), config)
     optimizer = torch.optim.SGD([p for p in igu.parameters() if p.requires_grad], lr=0.5)
     history = []

@@ -66,3 +66,10 @@ def test_cli_rejects_bad_arguments(capsys):
     assert "--steps must be >= 10" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["demo", "--rule", "simpson"])
+
+
+def test_cli_bench_runs_the_harness(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--preset", "tiny", "--repeats", "1", "--ops", "copy", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["records"][0]["op"] == "copy"
+    assert "copy" in capsys.readouterr().out

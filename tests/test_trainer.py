@@ -15,8 +15,19 @@ STEPS = 8
 
 
 def _config(**kw):
-    base = dict(target_modules=["query", "value"], modules_to_save=["classifier"], init_r=4, target_r=2,
-                init="lora", total_step=STEPS, tinit=2, tfinal=2, delta_t=1, ig_steps=2, ig_fraction=1.0)  # fmt: skip
+    base = dict(
+        target_modules=["query", "value"],
+        modules_to_save=["classifier"],
+        init_r=4,
+        target_r=2,
+        init="lora",
+        total_step=STEPS,
+        tinit=2,
+        tfinal=2,
+        delta_t=1,
+        ig_steps=2,
+        ig_fraction=1.0,
+    )
     return IGULoraConfig(**{**base, **kw})
 
 
@@ -28,10 +39,18 @@ def _dataset(n=64):
 def _train(tmp_path, batch_size, accumulation, **kw):
     igu = get_igu_model(tiny_bert(torch.float64, seed=2), _config(**kw))
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), max_steps=STEPS, per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=accumulation, learning_rate=1e-2, lr_scheduler_type="constant",
-        report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, seed=0,
-    )  # fmt: skip
+        output_dir=str(tmp_path),
+        max_steps=STEPS,
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+        seed=0,
+    )
     trainer = IGUTrainer(igu, args=args, train_dataset=_dataset())
     trainer.train()
     return igu

