@@ -97,3 +97,24 @@ def assert_three_way(
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def short_run_config(steps: int, **overrides):
+    """An IGU-LoRA config for a few-step run of tiny_bert: adapters on query and value, the
+    classifier trained, 4 -> 2 ranks, allocation every step after 2 warm-up steps."""
+    from igulora import IGULoraConfig
+
+    base = dict(
+        target_modules=["query", "value"],
+        modules_to_save=["classifier"],
+        init_r=4,
+        target_r=2,
+        init="lora",
+        total_step=steps,
+        tinit=2,
+        tfinal=2,
+        delta_t=1,
+        ig_steps=2,
+        ig_fraction=1.0,
+    )
+    return IGULoraConfig(**{**base, **overrides})

@@ -4,29 +4,17 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from conftest import tiny_bert, token_batch
+from conftest import short_run_config, tiny_bert, token_batch
 from torch.nn.parallel import DistributedDataParallel
 
-from igulora import IGULoraConfig, get_igu_model
+from igulora import get_igu_model
 
 STEPS = 8
 GLOBAL_BATCH = 8
 
 
-def config() -> IGULoraConfig:
-    return IGULoraConfig(
-        target_modules=["query", "value", "intermediate.dense"],
-        modules_to_save=["classifier"],
-        init_r=4,
-        target_r=2,
-        init="lora",
-        total_step=STEPS,
-        tinit=2,
-        tfinal=2,
-        delta_t=1,
-        ig_steps=2,
-        ig_fraction=1.0,
-    )
+def config():
+    return short_run_config(STEPS, target_modules=["query", "value", "intermediate.dense"])
 
 
 def train(rank: int, world: int, module_wrapper=None) -> dict:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_bert, token_batch
+from conftest import short_run_config, tiny_bert, token_batch
 
 pytest.importorskip("triton")
-from igulora import IGULoraConfig, get_igu_model  # noqa: E402
+from igulora import get_igu_model  # noqa: E402
 from igulora.ig import ADAPTER_PARAMS  # noqa: E402
 
 STEPS = 6
@@ -15,19 +15,7 @@ STEPS = 6
 
 def _run(backend: str, monkeypatch):
     monkeypatch.setenv("IGULORA_BACKEND", backend)
-    config = IGULoraConfig(
-        target_modules=["query", "value"],
-        init_r=4,
-        target_r=2,
-        init="lora",
-        total_step=STEPS,
-        tinit=1,
-        tfinal=2,
-        delta_t=1,
-        ig_steps=3,
-        ig_fraction=0.5,
-        modules_to_save=["classifier"],
-    )
+    config = short_run_config(STEPS, tinit=1, ig_steps=3, ig_fraction=0.5)
     igu = get_igu_model(tiny_bert(seed=3), config)
     optimizer = torch.optim.SGD([p for p in igu.parameters() if p.requires_grad], lr=0.5)
     history = []

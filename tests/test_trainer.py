@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_bert, token_batch
+from conftest import short_run_config, tiny_bert, token_batch
 
-from igulora import IGULoraConfig, get_igu_model
+from igulora import get_igu_model
 
 transformers = pytest.importorskip("transformers")
 from igulora.trainer import IGUTrainer  # noqa: E402
@@ -15,20 +15,7 @@ STEPS = 8
 
 
 def _config(**kw):
-    base = dict(
-        target_modules=["query", "value"],
-        modules_to_save=["classifier"],
-        init_r=4,
-        target_r=2,
-        init="lora",
-        total_step=STEPS,
-        tinit=2,
-        tfinal=2,
-        delta_t=1,
-        ig_steps=2,
-        ig_fraction=1.0,
-    )
-    return IGULoraConfig(**{**base, **kw})
+    return short_run_config(STEPS, **kw)
 
 
 def _dataset(n=64):
