@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 from conftest import short_run_config, tiny_bert, token_batch
@@ -37,10 +39,29 @@ def train(rank: int, world: int, module_wrapper=None) -> dict:
     return {"pattern": igu.rank_pattern, "weights": weights}
 
 
-def run(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+def run(rank: int, world: int, port: int, out_dir: str, launcher: str) -> None:
+    """Join a 2-process gloo group on loopback, as torchrun would, and train with DDP or Accelerate."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+    )
+    if launcher == "accelerate":
+        from accelerate import Accelerator, DistributedDataParallelKwargs
+
+        accelerator = Accelerator(
+            cpu=True, kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)]
+        )
+        wrap = accelerator.prepare
+    else:
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+
+        def wrap(module):
+            return DistributedDataParallel(module, broadcast_buffers=False)
+
     try:
-        result = train(rank, world, lambda m: DistributedDataParallel(m, broadcast_buffers=False))
-        torch.save(result, f"{out_dir}/rank{rank}.pt")
+        torch.save(train(rank, world, wrap), f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()

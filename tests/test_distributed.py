@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import socket
+
+import pytest
 import torch
 import torch.multiprocessing as mp
 from ddp_worker import run, train
 
 
-def test_two_process_ddp_matches_a_single_process_run(tmp_path):
-    mp.spawn(run, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("launcher", ["ddp", "accelerate"])
+def test_two_process_run_matches_a_single_process_run(tmp_path, launcher):
+    if launcher == "accelerate":
+        pytest.importorskip("accelerate")
+    mp.spawn(run, args=(2, _free_port(), str(tmp_path), launcher), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     single = train(rank=0, world=1)
     kept = sum(map(sum, single["pattern"].values()))
