@@ -88,16 +88,60 @@ def _cpp_or_raise() -> ModuleType:
     return cpp
 
 
+def check_lora_inputs(x, A, E, B, mask, row_vectors=()) -> None:
+    """Clear errors for inputs the ops cannot take, naming the argument and the shapes."""
+    r, d_in = A.shape if A.dim() == 2 else (None, None)
+    problems = []
+    if A.dim() != 2 or E.shape != (r,) or B.dim() != 2 or B.shape[1] != r:
+        problems.append(
+            f"expected A (r, in), E (r,), B (out, r); got A {tuple(A.shape)}, E {tuple(E.shape)}, "
+            f"B {tuple(B.shape)}"
+        )
+    elif x.shape[-1] != d_in:
+        problems.append(f"x has {x.shape[-1]} features on its last dim but A expects in={d_in}")
+    if mask is not None and (mask.dtype != torch.bool or mask.shape != (r,)):
+        problems.append(f"mask must be a bool tensor of shape ({r},), got {mask.dtype} {tuple(mask.shape)}")
+    for name, vec in row_vectors:
+        if vec.dim() != 1 or vec.shape[0] != x.shape[0]:
+            problems.append(
+                f"{name} must have one entry per row of x (dim 0 = {x.shape[0]}), got {tuple(vec.shape)}"
+            )
+    tensors = {
+        "x": x,
+        "A": A,
+        "E": E,
+        "B": B,
+        **({"mask": mask} if mask is not None else {}),
+        **dict(row_vectors),
+    }
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        problems.append(
+            f"tensors are on different devices: {', '.join(f'{k}={v}' for k, v in devices.items())}"
+        )
+    for name in ("x", "A", "E", "B"):
+        if not tensors[name].is_floating_point():
+            problems.append(f"{name} must be floating point, got {tensors[name].dtype}")
+    if problems:
+        raise ValueError("igu_kernels low-rank linear: " + "; ".join(problems))
+
+
 def lora_delta(x, A, E, B, mask, scaling, scale=1.0):
+    check_lora_inputs(x, A, E, B, mask)
     return _implementation("lora_delta", "lora_linear", x).lora_delta(x, A, E, B, mask, scaling, scale)
 
 
 def batched_ig_lora_delta(u, A, E, B, mask, scaling, row_scale, train_coef, ig_coef, ig_buffers):
+    rows = (("row_scale", row_scale), ("train_coef", train_coef), ("ig_coef", ig_coef))
+    check_lora_inputs(u, A, E, B, mask, rows)
     impl = _implementation("batched_ig_lora_delta", "lora_linear", u)
     return impl.batched_ig_lora_delta(u, A, E, B, mask, scaling, row_scale, train_coef, ig_coef, ig_buffers)
 
 
 def score_update(ig, ibar, ubar, *, beta1, beta2, score, eps, out=None):
+    if not (ig.shape == ibar.shape == ubar.shape) or (out is not None and out.shape != ibar.shape):
+        shapes = f"ig {tuple(ig.shape)}, ibar {tuple(ibar.shape)}, ubar {tuple(ubar.shape)}"
+        raise ValueError(f"igu_kernels.score_update: shapes differ: {shapes}")
     impl = _implementation("score_update", "score", ibar)
     return impl.score_update(ig, ibar, ubar, beta1=beta1, beta2=beta2, score=score, eps=eps, out=out)
 

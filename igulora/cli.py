@@ -63,12 +63,12 @@ def _demo(args) -> None:
 
 def _finetune(args) -> None:
     from igulora.data import DataError
-    from igulora.finetune import FinetuneArgs, run_finetune
+    from igulora.finetune import FinetuneArgs, FinetuneError, run_finetune
 
     values = {k: v for k, v in vars(args).items() if k != "command"}
     try:
         final = run_finetune(FinetuneArgs(**values))
-    except (DataError, FileNotFoundError, ValueError) as error:
+    except (DataError, FinetuneError, FileNotFoundError, ValueError) as error:
         raise CliError(str(error)) from None
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in final.items()))
 

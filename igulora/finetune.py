@@ -13,6 +13,7 @@ import os
 import random
 import shutil
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,6 +31,10 @@ from igulora.plots import rank_heatmap, training_curves
 TASKS = ("classification", "causal-lm")
 STATE_FILE = "training_state.pt"
 EVAL_COLUMNS = ("eval_accuracy", "eval_loss", "eval_perplexity")
+
+
+class FinetuneError(RuntimeError):
+    """A run that cannot produce a usable adapter."""
 
 
 @dataclass
@@ -270,9 +275,16 @@ def run_finetune(args: FinetuneArgs) -> dict[str, float]:
         desc="igulora finetune",
         disable=not args.progress,
     )
+    skipped = 0
     for step in bar:
-        igu.training_loss(batches(step), row_loss).backward()
-        optimizer.step()
+        loss = igu.training_loss(batches(step), row_loss)
+        loss.backward()
+        if igu.finite_step(loss):
+            optimizer.step()
+        else:
+            skipped += 1
+            message = f"step {step}: non-finite loss or gradient, optimizer step skipped ({skipped} so far)"
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
         scheduler.step()
         igu.update_and_allocate(step)
         optimizer.zero_grad()
@@ -283,7 +295,13 @@ def run_finetune(args: FinetuneArgs) -> dict[str, float]:
         bar.set_postfix(loss=f"{row['loss']:.4f}", ranks=row["active_rank"])
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.max_steps:
             save_checkpoint(output_dir, step + 1, igu, optimizer, scheduler)
+    if skipped and skipped == args.max_steps - start:
+        raise FinetuneError(
+            f"every one of the {skipped} steps had a non-finite loss or gradient: no adapter was trained "
+            "(check the data and lower --lr)"
+        )
     final = {"step": args.max_steps, "loss": metrics.rows[-1]["loss"] if metrics.rows else float("nan")}
+    final["skipped_steps"] = skipped
     final.update(evaluate(igu, evals, batches) if evals else {})
     metrics.close()
     igu.save_pretrained(output_dir)

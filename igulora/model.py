@@ -220,6 +220,12 @@ class IGUModel(nn.Module):
             loss = loss + self.config.orth_reg_weight * self.orthogonality_loss()
         return loss
 
+    def finite_step(self, loss: torch.Tensor) -> bool:
+        """Whether ``loss`` and every trainable gradient are finite. When not, skip the optimizer
+        step (the allocator skips the matching score update by itself)."""
+        grads = [p.grad for p in self.parameters() if p.requires_grad and p.grad is not None]
+        return bool(torch.isfinite(loss).all()) and all(bool(torch.isfinite(g).all()) for g in grads)
+
     def update_and_allocate(self, step: int) -> dict[str, list[bool]] | None:
         """Call after ``optimizer.step()`` with the 0-based optimizer step."""
         self._allocation_calls += 1
@@ -317,13 +323,14 @@ class IGUModel(nn.Module):
             raise ValueError(f"{path}: unsupported format_version {meta.get('format_version')!r}")
         config = IGULoraConfig.from_dict(meta["config"])
         _check_modules(model, meta["modules"], path)
-        state = load_file(str(directory / IGU_STATE))
-        igu = cls(model, config)
-        if sorted(igu.adapters) != sorted(meta["modules"]):
+        targets = find_targets(model, config)
+        if sorted(targets) != sorted(meta["modules"]):
             raise ValueError(
-                f"{path}: the config selects {sorted(igu.adapters)} in this model but the save holds "
+                f"{path}: the config selects {sorted(targets)} in this model but the save holds "
                 f"{sorted(meta['modules'])}"
             )
+        state = _read_state(directory / IGU_STATE, meta["modules"])
+        igu = cls(model, config)  # every check is done: only now is the model changed
         with torch.no_grad():
             for name, layer in igu.adapters.items():
                 for key, target in layer.state_dict().items():
@@ -338,6 +345,22 @@ class IGUModel(nn.Module):
         igu.allocator.load_state_dict(alloc)
         igu.step = int(meta["step"])
         return igu
+
+
+def _read_state(path: Path, modules: dict[str, list[int]]) -> dict[str, torch.Tensor]:
+    """Load igulora's state file, with an error naming the file if it is missing or corrupt."""
+    try:
+        state = load_file(str(path))
+    except Exception as error:  # safetensors raises its own error types for truncated or bad headers
+        raise ValueError(f"{path}: cannot read the adapter state ({type(error).__name__}: {error})") from None
+    for name, (in_features, out_features, r) in modules.items():
+        expected = {"lora_A": (r, in_features), "lora_E": (r,), "lora_B": (out_features, r)}
+        for param, shape in expected.items():
+            value = state.get(f"adapter.{name}.{param}")
+            if value is None or tuple(value.shape) != shape:
+                found = None if value is None else tuple(value.shape)
+                raise ValueError(f"{path}: {name}.{param} should have shape {shape}, found {found}")
+    return state
 
 
 def _check_modules(model: nn.Module, modules: dict[str, list[int]], path: Path) -> None:

