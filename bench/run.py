@@ -66,6 +66,29 @@ def run(preset_name: str, device: torch.device, repeats: int, ops: set[str] | No
     return records
 
 
+def memory(preset_name: str, device: torch.device) -> list[dict]:
+    """Saved activation memory (and GPU peak) of the batched IG step for 1..16 nodes."""
+    from bench.memory import node_memory_rows
+    from bench.model_cases import small_llama_igu
+    from igulora import causal_lm_row_loss
+
+    igu, batch = small_llama_igu(PRESETS[preset_name], device)
+    igu.train()
+    return node_memory_rows(igu, batch, causal_lm_row_loss, [1, 2, 4, 8, 16], device)
+
+
+def memory_table(rows: list[dict]) -> str:
+    lines = [
+        f"{'IG nodes':>8} {'rows':>5} {'saved MB':>9} {'same rows, plain MB':>20} {'adapter params MB':>18}"
+    ]
+    for r in rows:
+        lines.append(
+            f"{r['nodes']:>8} {r['rows']:>5} {r['saved_mb']:9.2f} {r['plain_same_rows_mb']:20.2f} "
+            f"{r['adapter_params_mb']:18.3f}" + (f"  peak {r['peak_mb']:.0f} MB" if "peak_mb" in r else "")
+        )
+    return "\n".join(lines)
+
+
 def table(records: list[dict]) -> str:
     """One row per (op, backend): median, GB/s, speed-up over eager and over the base GEMM."""
     by_op: dict[str, dict[str, float]] = {}
@@ -101,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     preset = ("gpu" if device.type == "cuda" else "cpu") if args.preset == "auto" else args.preset
     records = run(preset, device, args.repeats, set(args.ops or []))
-    report = table(records)
+    memory_rows = memory(preset, device) if not args.ops or "ig_memory" in args.ops else []
+    report = table(records) + ("\n\n" + memory_table(memory_rows) if memory_rows else "")
     print(report)
     if args.json:
         meta = {
@@ -113,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(),
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"meta": meta, "records": records, "table": report}, indent=2) + "\n")
+        data = {"meta": meta, "records": records, "memory": memory_rows, "table": report}
+        args.json.write_text(json.dumps(data, indent=2) + "\n")
     return 0
 
 
