@@ -32,9 +32,11 @@ void check_state(const at::Tensor& t, const char* name, const at::Tensor& like) 
 // The per-element loop, specialised on the score so the compiler vectorises a branch-free body.
 template <bool SNR, typename S, typename G>
 void score_update_loop(const G* __restrict__ ig, S* __restrict__ ibar, S* __restrict__ ubar, S* __restrict__ score,
-                       int64_t begin, int64_t end, acc_t<S> b1, acc_t<S> b2, acc_t<S> eps) {
+                       int64_t begin, int64_t end, double beta1, double beta2, double eps_) {
   using A = acc_t<S>;
-  const A c1 = 1 - b1, c2 = 1 - b2;
+  // 1 - beta is formed in double and rounded once, exactly as eager PyTorch does with its
+  // Python-float scalars: fp32 results are then bitwise eager's too.
+  const A b1 = beta1, b2 = beta2, c1 = 1.0 - beta1, c2 = 1.0 - beta2, eps = eps_;
   for (int64_t i = begin; i < end; ++i) {
     const A imp = std::abs(static_cast<A>(ig[i]));
     const A ib = b1 * static_cast<A>(ibar[i]) + c1 * imp;

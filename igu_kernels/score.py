@@ -23,19 +23,25 @@ def _score_update_kernel(
     n,
     beta1,
     beta2,
+    one_minus_beta1,
+    one_minus_beta2,
     eps,
     SNR: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """I = |ig|; Ibar <- b1 Ibar + (1-b1) I; Ubar <- b2 Ubar + (1-b2) |I - Ibar|; score.
 
+    1 - beta arrives precomputed in double (rounded once to fp32), as eager PyTorch forms it.
+
     grid: (cdiv(n, BLOCK),)   block: BLOCK contiguous elements; Ibar and Ubar updated in place.
     """
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     importance = tl.abs(tl.load(ig_ptr + offs, mask=mask, other=0.0).to(tl.float32))
-    ibar = beta1 * tl.load(ibar_ptr + offs, mask=mask, other=0.0) + (1 - beta1) * importance
-    ubar = beta2 * tl.load(ubar_ptr + offs, mask=mask, other=0.0) + (1 - beta2) * tl.abs(importance - ibar)
+    ibar = beta1 * tl.load(ibar_ptr + offs, mask=mask, other=0.0) + one_minus_beta1 * importance
+    ubar = beta2 * tl.load(ubar_ptr + offs, mask=mask, other=0.0) + one_minus_beta2 * tl.abs(
+        importance - ibar
+    )
     tl.store(ibar_ptr + offs, ibar, mask=mask)
     tl.store(ubar_ptr + offs, ubar, mask=mask)
     if SNR:
@@ -86,7 +92,7 @@ def score_update(ig, ibar, ubar, *, beta1, beta2, score, eps, out=None):
     n = ibar.numel()
     if n:
         _score_update_kernel[(triton.cdiv(n, BLOCK),)](
-            ig, ibar, ubar, out, n, float(beta1), float(beta2), float(eps), score == "snr", BLOCK
+            ig, ibar, ubar, out, n, beta1, beta2, 1.0 - beta1, 1.0 - beta2, eps, score == "snr", BLOCK
         )
     return out
 

@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="recover planted low-rank updates in a tiny model (no downloads)")
     demo.add_argument("--output-dir", default="igulora-demo")
-    demo.add_argument("--rule", choices=RULES, default="trapezoid", help="IG quadrature rule")
+    demo.add_argument("--rule", choices=RULES, default="gauss_legendre", help="IG quadrature rule")
     demo.add_argument("--steps", type=int, default=300)
     demo.add_argument("--seed", type=int, default=0)
 

@@ -93,7 +93,7 @@ def recovery_score(planted: dict[str, int], allocated: dict[str, int]) -> float:
 def run_demo(
     output_dir: str | Path = "igulora-demo",
     *,
-    rule: str = "trapezoid",
+    rule: str = "gauss_legendre",
     steps: int = 300,
     batch_size: int = 32,
     seq_len: int = 16,

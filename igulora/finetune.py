@@ -63,8 +63,8 @@ class FinetuneArgs:
     init_r: int = 6
     target_r: int = 2
     lora_alpha: float = 48.0
-    rule: str = "trapezoid"
-    ig_steps: int = 4
+    rule: str = "gauss_legendre"
+    ig_steps: int = 3
     ig_fraction: float = 0.25
     score: str = "snr"
     progress: bool = True

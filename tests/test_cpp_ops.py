@@ -61,9 +61,11 @@ def test_score_update_matches_reference(n, mode, state_dtype, ig_dtype, threads)
             assert_three_way(o, e, x)
 
 
-def test_score_update_is_bitwise_eager_in_fp64():
-    ig, ibar, ubar = _inputs(1001, torch.float64, torch.float64)
-    for o, e in zip(_update(cpp, ig, ibar, ubar, "product"), _update(reference, ig, ibar, ubar, "product")):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode", ["snr", "product"])
+def test_score_update_is_bitwise_eager(dtype, mode):
+    ig, ibar, ubar = _inputs(100_001, dtype, dtype)
+    for o, e in zip(_update(cpp, ig, ibar, ubar, mode), _update(reference, ig, ibar, ubar, mode)):
         assert torch.equal(o, e)
 
 

@@ -37,7 +37,7 @@ from igulora.data import load_examples  # noqa: E402
 SST2 = ROOT.parent / "shared" / "data" / "sst2"
 RULES = {
     "trapezoid": [1, 2, 4, 8, 16, 32],
-    "gauss_legendre": [1, 2, 4, 8, 16],
+    "gauss_legendre": [1, 2, 3, 4, 8, 16],
     "riemann_middle": [1, 2, 4, 8, 16, 32],
     "gradient": [1],
 }
