@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -25,7 +25,6 @@ class Case:
     dtype: torch.dtype
     backends: dict[str, Callable[[], Runner]]  # backend -> builder of the runner
     bytes_moved: int | None = None  # memory-bound ops: bytes read + written per iteration
-    notes: dict[str, str] = field(default_factory=dict)
 
     @property
     def label(self) -> str:

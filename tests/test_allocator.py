@@ -7,8 +7,7 @@ import torch
 from torch import nn
 
 from igulora import IGULoraConfig, get_igu_model
-
-PARAMS = ("lora_A", "lora_E", "lora_B")
+from igulora.ig import ADAPTER_PARAMS as PARAMS
 
 
 def _igu(**kw):

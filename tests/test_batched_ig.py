@@ -15,7 +15,7 @@ from igulora import (
     quadrature,
     sequence_classification_row_loss,
 )
-from igulora.ig import adapter_parameters, batched_ig_loss, build_node_batch
+from igulora.ig import ADAPTER_PARAMS, adapter_parameters, batched_ig_loss, build_node_batch
 
 CASES = {
     "bert-classification": (tiny_bert, sequence_classification_row_loss),
@@ -65,7 +65,7 @@ def test_batched_step_gives_training_grad_and_node_by_node_ig(case, rule):
     batched_ig = {
         f"{name}.{p}": buf
         for name, layer in igu.adapters.items()
-        for p, buf in zip(("lora_A", "lora_E", "lora_B"), layer.ig_buffers)
+        for p, buf in zip(ADAPTER_PARAMS, layer.ig_buffers)
     }
     igu.zero_grad()
 

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from igu_kernels import cpp, reference
 from igulora import IGULoraConfig, IGUModel, get_igu_model
+from igulora.ig import ADAPTER_PARAMS
 
 SETTINGS = settings(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -89,9 +90,7 @@ def test_allocator_keeps_exactly_the_budget(ranks, budget, unit, seed):
     )
     igu = get_igu_model(model, config)
     for layer in igu.adapters.values():  # integer-valued importance: many exact ties
-        layer.ig_buffers = tuple(
-            torch.randint(0, 3, getattr(layer, p).shape).float() for p in ("lora_A", "lora_E", "lora_B")
-        )
+        layer.ig_buffers = tuple(torch.randint(0, 3, getattr(layer, p).shape).float() for p in ADAPTER_PARAMS)
     igu.allocator.update_scores()
     scale = 1 if unit == "triplets" else 8
     pattern = igu.allocator.mask_to_budget(budget * scale)
@@ -126,9 +125,7 @@ def test_save_load_save_is_byte_stable(tmp_path_factory, seed, mask):
             for p in (layer.lora_A, layer.lora_E, layer.lora_B):
                 p.normal_()
             layer.rank_mask.copy_(torch.tensor(mask))
-            layer.ig_buffers = tuple(
-                torch.randn_like(getattr(layer, p)) for p in ("lora_A", "lora_E", "lora_B")
-            )
+            layer.ig_buffers = tuple(torch.randn_like(getattr(layer, p)) for p in ADAPTER_PARAMS)
     igu.allocator.update_scores()
     first, second = tmp_path_factory.mktemp("first"), tmp_path_factory.mktemp("second")
     if not any(mask):

@@ -9,6 +9,7 @@ import torch
 from conftest import randomize_adapters, tiny_bert, tiny_gpt2, token_batch
 
 from igulora import IGULoraConfig, IGUModel, get_igu_model
+from igulora.ig import ADAPTER_PARAMS
 from igulora.io import atomic_write
 
 peft = pytest.importorskip("peft")
@@ -59,7 +60,7 @@ def test_peft_loads_the_export_and_gives_the_same_outputs(tmp_path, factory, tar
 def test_from_pretrained_restores_masks_weights_and_allocator(tmp_path):
     igu = _trained_igu(tiny_bert, ["query", "value"], modules_to_save=["classifier"])
     for layer in igu.adapters.values():
-        layer.ig_buffers = tuple(torch.randn_like(getattr(layer, p)) for p in ("lora_A", "lora_E", "lora_B"))
+        layer.ig_buffers = tuple(torch.randn_like(getattr(layer, p)) for p in ADAPTER_PARAMS)
     igu.allocator.update_scores()
     igu.step = 7
     with torch.no_grad():

@@ -33,6 +33,7 @@ from igulora import (  # noqa: E402
     sequence_classification_row_loss,
 )
 from igulora.data import load_examples  # noqa: E402
+from igulora.ig import ADAPTER_PARAMS  # noqa: E402
 
 SST2 = ROOT.parent / "shared" / "data" / "sst2"
 RULES = {
@@ -94,7 +95,7 @@ def triplet_importance(igu, attributions: dict[str, torch.Tensor]) -> torch.Tens
     """|IG| summed over each triplet (column of B, E_k, row of A), all layers concatenated."""
     parts = []
     for name in igu.adapters:
-        a, e, b = (attributions[f"{name}.{p}"] for p in ("lora_A", "lora_E", "lora_B"))
+        a, e, b = (attributions[f"{name}.{p}"] for p in ADAPTER_PARAMS)
         parts.append(a.abs().sum(1) + e.abs() + b.abs().sum(0))
     return torch.cat(parts)
 
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     igu, batch = load_minilm(args.train_steps, args.seed)
     loss_fn = mean_loss(sequence_classification_row_loss)
-    names = [f"{n}.{p}" for n in igu.adapters for p in ("lora_A", "lora_E", "lora_B")]
+    names = [f"{n}.{p}" for n in igu.adapters for p in ADAPTER_PARAMS]
 
     def flat(result):
         return torch.cat([result.attributions["model." + n].flatten() for n in names])
