@@ -7,13 +7,13 @@ same thing from the same inputs; the eager one is ``igu_kernels.reference``, the
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from igu_kernels import reference
+from igu_kernels.dispatch import interpreting
 
 Runner = Callable[[], object]
 
@@ -57,7 +57,7 @@ def triton_runnable(device: torch.device) -> bool:
         import triton  # noqa: F401
     except ImportError:
         return False
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    return device.type == "cuda" or interpreting()
 
 
 def cpp_runnable(device: torch.device) -> bool:

@@ -35,7 +35,8 @@ def backend() -> str:
     return name
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
+    """Whether Triton runs in its interpreter (TRITON_INTERPRET=1): CPU tensors, correctness only."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -51,7 +52,7 @@ def available_backends() -> list[str]:
     """
     from igu_kernels import cpp
 
-    usable = triton_installed() and (torch.cuda.is_available() or _interpreting())
+    usable = triton_installed() and (torch.cuda.is_available() or interpreting())
     return ["eager"] + (["triton"] if usable else []) + (["cpp"] if cpp.load() else [])
 
 
@@ -67,7 +68,7 @@ def _implementation(op: str, module: str, tensor: torch.Tensor) -> ModuleType:
     if name == "triton":
         if not triton_installed():
             raise RuntimeError("IGULORA_BACKEND=triton but triton is not installed (pip install triton)")
-        if not (tensor.is_cuda or _interpreting()):
+        if not (tensor.is_cuda or interpreting()):
             raise RuntimeError(
                 f"IGULORA_BACKEND=triton needs CUDA tensors (got {tensor.device}) or TRITON_INTERPRET=1"
             )

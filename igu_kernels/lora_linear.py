@@ -16,11 +16,11 @@ reads entry ``m // per_row``. Every product accumulates in fp32 with fp32 operan
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from igu_kernels.dispatch import interpreting
 
 Tensor = torch.Tensor
 
@@ -241,13 +241,9 @@ def _grad_b_kernel(
 # Launcher
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _blocks() -> tuple[int, int]:
     """(BLOCK_M, BLOCK_FEATURE): large tiles on a GPU, smaller ones for the slow interpreter."""
-    return (32, 32) if _interpreting() else (64, 64)
+    return (32, 32) if interpreting() else (64, 64)
 
 
 def _rank_pad(r: int) -> int:
