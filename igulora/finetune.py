@@ -66,6 +66,7 @@ class FinetuneArgs:
     rule: str = "gauss_legendre"
     ig_steps: int = 3
     ig_fraction: float = 0.25
+    ig_every: int = 2
     score: str = "snr"
     progress: bool = True
 
@@ -87,7 +88,7 @@ def _target_spec(value: str) -> str | list[str]:
     return [name for name in value.split(",") if name]
 
 
-def _load_model(args: FinetuneArgs, num_labels: int | None):
+def load_model(args: FinetuneArgs, num_labels: int | None):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -101,7 +102,7 @@ def _load_model(args: FinetuneArgs, num_labels: int | None):
     return tokenizer, model
 
 
-def _igu_config(args: FinetuneArgs, model) -> IGULoraConfig:
+def igu_config(args: FinetuneArgs, model) -> IGULoraConfig:
     heads = [h for h in ("classifier", "score") if args.task == "classification" and hasattr(model, h)]
     return IGULoraConfig(
         target_modules=_target_spec(args.target_modules),
@@ -118,6 +119,7 @@ def _igu_config(args: FinetuneArgs, model) -> IGULoraConfig:
         ig_rule=args.rule,
         ig_steps=args.ig_steps,
         ig_fraction=args.ig_fraction,
+        ig_every=args.ig_every,
         score=args.score,
         seed=args.seed,
         base_model_name_or_path=str(args.model),
@@ -183,7 +185,7 @@ def evaluate(igu: IGUModel, examples: list[Example], batches: Batches) -> dict[s
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50))}
 
 
-def _scheduler(optimizer, args: FinetuneArgs):
+def warmup_linear_schedule(optimizer, args: FinetuneArgs):
     warmup = max(1, int(args.warmup * args.max_steps))
 
     def factor(step: int) -> float:
@@ -247,15 +249,15 @@ def run_finetune(args: FinetuneArgs) -> dict[str, float]:
     num_labels = max(e.label for e in train + evals) + 1 if args.task == "classification" else None
     output_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
-    tokenizer, model = _load_model(args, num_labels)
+    tokenizer, model = load_model(args, num_labels)
     checkpoint = latest_checkpoint(output_dir) if args.resume else None
     if checkpoint is not None:
         igu = IGUModel.from_pretrained(model, checkpoint)
     else:
-        igu = get_igu_model(model, _igu_config(args, model))
+        igu = get_igu_model(model, igu_config(args, model))
     igu.train()
     optimizer = torch.optim.AdamW([p for p in igu.parameters() if p.requires_grad], lr=args.lr)
-    scheduler = _scheduler(optimizer, args)
+    scheduler = warmup_linear_schedule(optimizer, args)
     start = 0
     if checkpoint is not None:
         state = torch.load(checkpoint / STATE_FILE, weights_only=False)

@@ -44,16 +44,21 @@ def rank_heatmap(
 ) -> Path:
     """Save a heatmap of allocated ranks (layers x module types); with ``planted``, a planted-rank
     panel beside it on the same colour scale."""
-    plt = _pyplot()
-    panels = [("allocated rank", ranks)]
+    panels = {"allocated rank": ranks}
     if planted is not None:
-        panels.insert(0, ("planted rank", {name: planted.get(name, 0) for name in ranks}))
-    vmax = max(max(values.values(), default=0) for _, values in panels) or 1
-    layers, kinds, _ = layer_grid(ranks)
+        panels = {"planted rank": {name: planted.get(name, 0) for name in ranks}, **panels}
+    return rank_panels(panels, path)
+
+
+def rank_panels(panels: Mapping[str, Mapping[str, int]], path: str | Path) -> Path:
+    """Save one rank heatmap per ``{title: ranks}`` entry, side by side on one colour scale."""
+    plt = _pyplot()
+    vmax = max(max(values.values(), default=0) for values in panels.values()) or 1
+    layers, kinds, _ = layer_grid(next(iter(panels.values())))
     fig, axes = plt.subplots(
         1, len(panels), figsize=(1.5 + 0.9 * len(kinds) * len(panels), 1.5 + 0.4 * len(layers)), squeeze=False
     )
-    for ax, (label, values) in zip(axes[0], panels):
+    for ax, (label, values) in zip(axes[0], panels.items()):
         layers, kinds, grid = layer_grid(values)
         image = ax.imshow(grid, cmap="viridis", vmin=0, vmax=vmax, aspect="auto")
         ax.set_xticks(range(len(kinds)), kinds, rotation=45, ha="right", fontsize=8)

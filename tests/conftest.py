@@ -105,7 +105,7 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 
 def short_run_config(steps: int, **overrides):
     """An IGU-LoRA config for a few-step run of tiny_bert: adapters on query and value, the
-    classifier trained, 4 -> 2 ranks, allocation every step after 2 warm-up steps."""
+    classifier trained, 4 -> 2 ranks, IG and allocation every step after 2 warm-up steps."""
     from igulora import IGULoraConfig
 
     base = dict(
@@ -120,6 +120,7 @@ def short_run_config(steps: int, **overrides):
         delta_t=1,
         ig_steps=2,
         ig_fraction=1.0,
+        ig_every=1,
     )
     return IGULoraConfig(**{**base, **overrides})
 

@@ -1,0 +1,121 @@
+"""Markdown tables and rank heatmaps from glue.py's runs (``python bench/quality/glue.py report``)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from igulora.plots import rank_panels  # noqa: E402
+
+METHOD_NAMES = {"lora": "LoRA r=2 (PEFT)", "adalora": "AdaLoRA 6->2 (PEFT)", "igu": "IGU-LoRA 6->2 (igulora)"}
+
+
+def _acc(values: Iterable[float]) -> str:
+    return ", ".join(f"{v:.3f}" for v in values)
+
+
+def _mean_std(values: list[float]) -> str:
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.4f} +- {std:.4f}"
+
+
+def _module_name(name: str) -> str:
+    return name.removeprefix("base_model.model.")
+
+
+def best_of(search: list[dict]) -> dict:
+    """The run with the best validation accuracy (ties: the smaller lr)."""
+    return max(search, key=lambda r: (r["val_accuracy"], -r["lr"]))
+
+
+def main_table(runs: list[dict], task: str) -> list[str]:
+    """Per method: the lr search on val (seed 0), then dev over seeds at the selected lr."""
+    lines = [
+        f"### {task}",
+        "",
+        "| method | val acc. by lr (seed 0) | selected lr | dev acc. (seeds) | dev median | dev mean +- std "
+        "| median step (s) | peak RSS (MB) |",
+        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for method, label in METHOD_NAMES.items():
+        mine = [r for r in runs if r["task"] == task and r["method"] == method and r["variant"] == "default"]
+        search = sorted((r for r in mine if r["seed"] == 0), key=lambda r: r["lr"])
+        if not search:
+            continue
+        best = best_of(search)
+        final = sorted((r for r in mine if r["lr"] == best["lr"]), key=lambda r: r["seed"])
+        dev = [r["dev_accuracy"] for r in final]
+        grid = ", ".join(f"{r['lr']:g}: {r['val_accuracy']:.3f}" for r in search)
+        lines.append(
+            f"| {label} | {grid} | {best['lr']:g} | {_acc(dev)} | {statistics.median(dev):.4f} | "
+            f"{_mean_std(dev)} | {statistics.median(r['median_step_s'] for r in final):.3f} | "
+            f"{max(r['peak_rss_mb'] for r in final):.0f} |"
+        )
+    return lines + [""]
+
+
+def ablation_table(runs: list[dict], task: str, cost: dict[str, float]) -> list[str]:
+    """IGU variants at IGU's selected lr, seed 0, next to the defaults' seed-0 run."""
+    igu = [r for r in runs if r["task"] == task and r["method"] == "igu" and r["seed"] == 0]
+    variants = [r for r in igu if r["variant"] != "default"]
+    if not variants:
+        return []
+    lr = variants[0]["lr"]
+    rows = [r for r in igu if r["variant"] == "default" and r["lr"] == lr] + variants
+    lines = [
+        f"### {task}: IGU-LoRA ablations (lr {lr:g}, seed 0)",
+        "",
+        "| variant | settings | val acc. | dev acc. | step cost (x PEFT AdaLoRA) |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        settings = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "library defaults"
+        ratio = cost.get("igu (defaults)" if r["variant"] == "default" else f"igu {r['variant']}")
+        lines.append(
+            f"| {r['variant']} | {settings} | {r['val_accuracy']:.4f} | {r['dev_accuracy']:.4f} | "
+            f"{'' if ratio is None else f'{ratio:.2f}'} |"
+        )
+    return lines + [""]
+
+
+def heatmaps(runs: list[dict], task: str, out: Path) -> Path | None:
+    """AdaLoRA's and IGU-LoRA's final ranks (seed 0, selected lr) side by side."""
+    panels = {}
+    for method in ("adalora", "igu"):
+        key = (task, method, "default", 0)
+        mine = [r for r in runs if (r["task"], r["method"], r["variant"], r["seed"]) == key]
+        if mine:
+            best = best_of(mine)
+            ranks = {_module_name(k): v for k, v in best["active_ranks"].items()}
+            panels[f"{METHOD_NAMES[method]}, lr {best['lr']:g}"] = ranks
+    if len(panels) < 2:
+        return None
+    return rank_panels(panels, out / f"{task}-ranks.png")
+
+
+def write_report(runs: list[dict], out: Path) -> Path:
+    """Write ``out/report.md`` (and the heatmaps beside it); print it too."""
+    cost_file = max(out.parent.glob("*-step-cost.json"), default=None)
+    cost = {}
+    if cost_file is not None:
+        cost = {r["method"]: r["ratio_to_adalora"] for r in json.loads(cost_file.read_text())["records"]}
+    lines = ["## Matched-budget comparison", ""]
+    for task in sorted({r["task"] for r in runs}):
+        lines += main_table(runs, task)
+        image = heatmaps(runs, task, out)
+        if image is not None:
+            lines += [f"![{task} ranks]({image.name})", ""]
+    for task in sorted({r["task"] for r in runs}):
+        lines += ablation_table(runs, task, cost)
+    if cost_file is not None:
+        lines.append(f"Step costs from `{cost_file.name}`.")
+    text = "\n".join(lines) + "\n"
+    path = out / "report.md"
+    path.write_text(text)
+    print(text)
+    return path

@@ -1,0 +1,129 @@
+"""bench/quality/glue.py: each method trains on the same backbone, and the report selects and
+summarises what the runs measured (synthetic records; no accuracy is judged here)."""
+
+from __future__ import annotations
+
+import random
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench" / "quality"))
+pytest.importorskip("peft")
+import glue  # noqa: E402
+import report  # noqa: E402
+
+from igulora.finetune import FinetuneArgs  # noqa: E402
+
+MODULES = [
+    f"bert.encoder.layer.{i}.{kind}" for i in range(2) for kind in ("attention.self.query", "output.dense")
+]
+
+
+def record(method, lr, seed, val, dev, variant="default"):
+    ranks = {name: random.Random(f"{method}{lr}{seed}{name}").randint(0, 6) for name in MODULES}
+    return dict(
+        task="sst2",
+        method=method,
+        lr=lr,
+        seed=seed,
+        variant=variant,
+        overrides=glue.ABLATIONS.get(variant, {}),
+        val_accuracy=val,
+        dev_accuracy=dev,
+        median_step_s=1.0,
+        peak_rss_mb=1000.0,
+        active_ranks=ranks,
+    )
+
+
+def synthetic_runs(seed: int) -> tuple[list[dict], dict[str, float]]:
+    """A full search (vals drawn from 3 values, so ties happen) plus seeds 1, 2 at every lr."""
+    rng = random.Random(seed)
+    runs, expected = [], {}
+    for method in glue.METHODS:
+        vals = {lr: rng.choice([0.80, 0.85, 0.85]) for lr in glue.LR_GRID}
+        expected[method] = min(lr for lr, v in vals.items() if v == max(vals.values()))
+        for lr in glue.LR_GRID:
+            runs += [record(method, lr, s, vals[lr] if s == 0 else 0.5, rng.random()) for s in (0, 1, 2)]
+    rng.shuffle(runs)
+    return runs, expected
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_lr_is_selected_on_validation_with_ties_to_the_smaller_lr(seed):
+    runs, expected = synthetic_runs(seed)
+    for method in glue.METHODS:
+        assert glue.selected_lr(runs, "sst2", method) == expected[method]
+
+
+def test_selection_refuses_an_incomplete_search():
+    runs, _ = synthetic_runs(0)
+    runs = [r for r in runs if not (r["method"] == "igu" and r["lr"] == glue.LR_GRID[-1])]
+    with pytest.raises(SystemExit, match="search --task sst2"):
+        glue.selected_lr(runs, "sst2", "igu")
+
+
+def test_report_summarises_dev_over_seeds_at_the_selected_lr(tmp_path):
+    runs, expected = synthetic_runs(1)
+    runs.append(record("igu", expected["igu"], 0, 0.1, 0.2, variant="every-1"))
+    path = report.write_report(runs, tmp_path)
+    text = path.read_text()
+    for method, label in report.METHOD_NAMES.items():
+        dev = [
+            r["dev_accuracy"]
+            for r in sorted(runs, key=lambda r: r["seed"])
+            if r["method"] == method and r["lr"] == expected[method] and r["variant"] == "default"
+        ]
+        row = next(line for line in text.splitlines() if line.startswith(f"| {label} |"))
+        assert f"| {expected[method]:g} | " in row
+        assert f"{statistics.median(dev):.4f}" in row and f"{statistics.mean(dev):.4f}" in row
+    assert "| every-1 | ig_every=1 | 0.1000 | 0.2000 |" in text
+    assert (tmp_path / "sst2-ranks.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("method", glue.METHODS)
+def test_each_method_trains_its_adapters_and_ends_within_the_budget(method, tiny_model_dir):
+    from transformers import BertForSequenceClassification
+
+    steps = 12
+    torch.manual_seed(0)
+    model = BertForSequenceClassification.from_pretrained(tiny_model_dir / "bert", num_labels=2)
+    args = FinetuneArgs(
+        model=str(tiny_model_dir / "bert"),
+        data="unused",
+        task="classification",
+        output_dir="unused",
+        max_steps=steps,
+        exclude_modules="pooler.dense",
+    )
+    module, loss_fn, after_step = glue.build(method, model, args, steps)
+    trainable = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(
+        [p for p in module.parameters() if p.requires_grad], lr=1e-2, weight_decay=0
+    )
+    g = torch.Generator().manual_seed(0)
+    for step in range(steps):
+        batch = {
+            "input_ids": torch.randint(1000, 2000, (8, 11), generator=g),
+            "attention_mask": torch.ones(8, 11, dtype=torch.long),
+            "labels": torch.randint(0, 2, (8,), generator=g),
+        }
+        loss_fn(batch).backward()
+        optimizer.step()
+        after_step(step)
+        optimizer.zero_grad()
+    ranks = glue.active_ranks(module)
+    assert len(ranks) == 2 * 6  # 6 encoder linears per layer, the pooler excluded
+    now = dict(module.named_parameters())
+    changed = {
+        n.split(".lora_")[0] for n in trainable if ".lora_" in n and not torch.equal(trainable[n], now[n])
+    }
+    assert len(changed) == len(ranks)  # every adapted module trained (AdaLoRA: at least via orth. reg.)
+    if method == "lora":
+        assert set(ranks.values()) == {2}
+    else:
+        assert sum(ranks.values()) <= 2 * len(ranks) and max(ranks.values()) <= 6
