@@ -9,8 +9,10 @@ next-token distributions. A good importance score gives the planted modules thei
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -102,7 +104,9 @@ def run_demo(
     init_std: float = 0.5,
     seed: int = 0,
     progress: bool = True,
+    overrides: Mapping[str, Any] | None = None,
 ) -> DemoResult:
+    """Distil a teacher with planted low-rank updates; ``overrides``: IGULoraConfig fields."""
     output_dir = Path(output_dir)
     student_base = tiny_llama(seed, init_std)
     teacher = copy.deepcopy(student_base)
@@ -113,7 +117,7 @@ def run_demo(
         teacher_probs = teacher(input_ids=data).logits.softmax(-1)
 
     budget_modules = 2 * 7  # every linear layer of the two blocks
-    config = IGULoraConfig(
+    settings = dict(
         target_modules="all-linear",
         init_r=4,
         target_r=sum(PLANTED.values()) // budget_modules,
@@ -126,6 +130,7 @@ def run_demo(
         ig_rule=rule,
         seed=seed,
     )
+    config = IGULoraConfig(**{**settings, **(overrides or {})})
     igu = get_igu_model(student_base, config)
     optimizer = torch.optim.AdamW([p for p in igu.parameters() if p.requires_grad], lr=lr)
     order = torch.Generator().manual_seed(seed + 3)

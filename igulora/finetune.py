@@ -65,7 +65,7 @@ class FinetuneArgs:
     lora_alpha: float = 48.0
     rule: str = "gauss_legendre"
     ig_steps: int = 3
-    ig_fraction: float = 0.25
+    ig_fraction: float = 0.125
     ig_every: int = 2
     score: str = "snr"
     progress: bool = True
