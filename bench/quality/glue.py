@@ -62,6 +62,7 @@ TASKS = {
 METHODS = ("lora", "adalora", "igu")
 LR_GRID = (1e-3, 2e-3, 5e-3)  # the same grid for every method
 VAL_FRACTION, SPLIT_SEED = 0.1, 12345
+IGU_KNOBS = ("init", "ig_rule", "ig_steps", "ig_every", "ig_fraction", "score")  # recorded per run
 ENCODER_LINEARS = r".*encoder\.layer\.\d+\..*(query|key|value|dense)$"
 # IGU-LoRA ablations: FinetuneArgs overrides, one run each at IGU's selected lr.
 ABLATIONS = {
@@ -198,6 +199,7 @@ def train_one(spec: dict) -> dict:
         "median_step_s": statistics.median(step_seconds),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "active_ranks": active_ranks(module),
+        "igu_config": {k: getattr(module.config, k) for k in IGU_KNOBS} if spec["method"] == "igu" else None,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
@@ -268,6 +270,7 @@ def main() -> None:
     parser.add_argument("--task", choices=tuple(TASKS), default="sst2")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--variants", default=",".join(ABLATIONS), help="(ablations) which ones")
+    parser.add_argument("--lr", type=float, help="(ablations) instead of IGU-LoRA's selected lr")
     parser.add_argument("--runs", type=Path, default=RESULTS / "runs.jsonl")
     args = parser.parse_args()
     methods = args.methods.split(",")
@@ -280,7 +283,7 @@ def main() -> None:
         lrs = {m: selected_lr(runs, args.task, m) for m in methods}
         ensure([spec(args.task, m, lrs[m], seed) for seed in (1, 2) for m in methods], args.runs)
     elif args.experiment == "ablations":
-        lr = selected_lr(load_runs(args.runs), args.task, "igu")
+        lr = args.lr or selected_lr(load_runs(args.runs), args.task, "igu")
         ensure([spec(args.task, "igu", lr, 0, v) for v in args.variants.split(",")], args.runs)
     else:
         write_report(load_runs(args.runs), RESULTS)
