@@ -81,7 +81,7 @@ def test_report_summarises_dev_over_seeds_at_the_selected_lr(tmp_path):
         row = next(line for line in text.splitlines() if line.startswith(f"| {label} |"))
         assert f"| {expected[method]:g} | " in row
         assert f"{statistics.median(dev):.4f}" in row and f"{statistics.mean(dev):.4f}" in row
-    assert f"| every-1 | ig_every=1 | {expected['igu']:g} | 0.1000 | 0.2000 |" in text
+    assert f"| every-1 | ig_every=1 | {expected['igu']:g} | 0.1000 | 0.200 | 0.2000 |" in text
     assert (tmp_path / "sst2-ranks.png").stat().st_size > 0
 
 

@@ -26,6 +26,7 @@ from igulora.demo import run_demo  # noqa: E402
 SETTINGS = {
     "AdaLoRA score (gradient, product)": dict(ig_rule="gradient", score="product"),
     "gradient, snr": dict(ig_rule="gradient"),
+    "IG, product": dict(score="product"),
     "IGU defaults": {},
     "every 1": dict(ig_every=1),
     "fraction 0.25": dict(ig_fraction=0.25),
@@ -39,11 +40,13 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--settings", help="names separated by ; (default: all)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     records = []
     print(f"{'setting':<36} {'recovery by seed':<22} {'mean':>6}")
-    for name, overrides in SETTINGS.items():
+    chosen = args.settings.split(";") if args.settings else list(SETTINGS)
+    for name, overrides in ((n, SETTINGS[n]) for n in chosen):
         scores = []
         for seed in range(args.seeds):
             with tempfile.TemporaryDirectory() as out:

@@ -270,6 +270,7 @@ def main() -> None:
     parser.add_argument("--task", choices=tuple(TASKS), default="sst2")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--variants", default=",".join(ABLATIONS), help="(ablations) which ones")
+    parser.add_argument("--seeds", default="0", help="(ablations) comma-separated seeds")
     parser.add_argument("--lr", type=float, help="(ablations) instead of IGU-LoRA's selected lr")
     parser.add_argument("--runs", type=Path, default=RESULTS / "runs.jsonl")
     args = parser.parse_args()
@@ -284,7 +285,8 @@ def main() -> None:
         ensure([spec(args.task, m, lrs[m], seed) for seed in (1, 2) for m in methods], args.runs)
     elif args.experiment == "ablations":
         lr = args.lr or selected_lr(load_runs(args.runs), args.task, "igu")
-        ensure([spec(args.task, "igu", lr, 0, v) for v in args.variants.split(",")], args.runs)
+        seeds = [int(s) for s in args.seeds.split(",")]
+        ensure([spec(args.task, "igu", lr, s, v) for s in seeds for v in args.variants.split(",")], args.runs)
     else:
         write_report(load_runs(args.runs), RESULTS)
 
