@@ -59,15 +59,15 @@ class FinetuneArgs:
     warmup: float = 0.06
     target_modules: str = "all-linear"
     exclude_modules: str | None = None
-    init: str = "lora"
+    init: str = IGULoraConfig.init
     init_r: int = 6
     target_r: int = 2
     lora_alpha: float = 48.0
-    rule: str = "gauss_legendre"
-    ig_steps: int = 3
-    ig_fraction: float = 0.125
-    ig_every: int = 2
-    score: str = "snr"
+    rule: str = IGULoraConfig.ig_rule  # the scoring knobs default to the library's
+    ig_steps: int = IGULoraConfig.ig_steps
+    ig_fraction: float = IGULoraConfig.ig_fraction
+    ig_every: int = IGULoraConfig.ig_every
+    score: str = IGULoraConfig.score
     progress: bool = True
 
     def __post_init__(self) -> None:
