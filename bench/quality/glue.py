@@ -64,7 +64,7 @@ LR_GRID = (1e-3, 2e-3, 5e-3)  # the same grid for every method
 VAL_FRACTION, SPLIT_SEED = 0.1, 12345
 IGU_KNOBS = ("init", "ig_rule", "ig_steps", "ig_every", "ig_fraction", "score")  # recorded per run
 ENCODER_LINEARS = r".*encoder\.layer\.\d+\..*(query|key|value|dense)$"
-# IGU-LoRA ablations: FinetuneArgs overrides, one run each at IGU's selected lr.
+# IGU-LoRA ablations: FinetuneArgs overrides (run at IGU's selected lr unless --lr is given).
 ABLATIONS = {
     "gradient-snr": dict(rule="gradient"),
     "gradient-product (AdaLoRA score)": dict(rule="gradient", score="product"),
@@ -136,6 +136,20 @@ def build(method: str, model, args: FinetuneArgs, total_step: int):
     return peft_model, lambda batch: peft_model(**batch).loss, peft_model.base_model.update_and_allocate
 
 
+def run_args(task: str, total_step: int, **overrides) -> FinetuneArgs:
+    """The FinetuneArgs of a MiniLM run on ``task`` (the pooler excluded), with ``overrides``."""
+    return FinetuneArgs(
+        model=minilm_path(),
+        data=str(TASKS[task]["train"]),
+        task="classification",
+        output_dir="unused",
+        max_steps=total_step,
+        max_length=TASKS[task]["max_length"],
+        exclude_modules="pooler.dense",
+        **overrides,
+    )
+
+
 def active_ranks(module) -> dict[str, int]:
     """Unpruned ranks per adapted module (IGU: its masks; PEFT AdaLoRA: nonzero E; LoRA: r)."""
     if hasattr(module, "active_ranks"):
@@ -158,18 +172,7 @@ def train_one(spec: dict) -> dict:
     train, val, dev = split_train(spec["task"])
     path = minilm_path()
     total_step = spec.get("max_steps") or task["epochs"] * (len(train) // 32)
-    args = FinetuneArgs(
-        model=path,
-        data=str(task["train"]),
-        task="classification",
-        output_dir="unused",
-        max_steps=total_step,
-        seed=spec["seed"],
-        max_length=task["max_length"],
-        lr=spec["lr"],
-        exclude_modules="pooler.dense",
-        **spec.get("overrides", {}),
-    )
+    args = run_args(spec["task"], total_step, seed=spec["seed"], lr=spec["lr"], **spec.get("overrides", {}))
     torch.manual_seed(spec["seed"])
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)

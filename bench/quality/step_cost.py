@@ -25,9 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from glue import ABLATIONS, TASKS, build, minilm_path, split_train  # noqa: E402
+from glue import ABLATIONS, build, minilm_path, run_args, split_train  # noqa: E402
 
-from igulora.finetune import Batches, FinetuneArgs  # noqa: E402
+from igulora.finetune import Batches  # noqa: E402
 
 BLOCK = 4
 
@@ -55,15 +55,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(path)
     runs = {}
     for name, (method, overrides) in variants([v for v in args.ablations.split(",") if v]).items():
-        fargs = FinetuneArgs(
-            model=path,
-            data=str(TASKS["sst2"]["train"]),
-            task="classification",
-            output_dir="unused",
-            max_steps=total_step,
-            exclude_modules="pooler.dense",
-            **overrides,
-        )
+        fargs = run_args("sst2", total_step, **overrides)
         torch.manual_seed(0)
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
         module, loss_fn, after_step = build(method, model, fargs, total_step)
