@@ -38,9 +38,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue from the latest checkpoint-* in --output-dir"
     )
     tune.add_argument("--no-progress", dest="progress", action="store_false")
+    tune.add_argument("--group-by-length", action="store_true", help="batch examples of similar length")
     from igulora.finetune import FinetuneArgs
 
-    given = {"model", "data", "task", "output_dir", "max_steps", "eval_data", "resume", "progress"}
+    given = {
+        "model",
+        "data",
+        "task",
+        "output_dir",
+        "max_steps",
+        "eval_data",
+        "resume",
+        "progress",
+        "group_by_length",
+    }
     for f in fields(FinetuneArgs):
         if f.name not in given:
             kind = float if f.type == "float" else int if f.type == "int" else str

@@ -152,3 +152,50 @@ def test_cli_errors_are_one_line(tmp_path, tiny_model_dir, extra, message):
     assert len(lines) == 1 and lines[0].startswith("igulora finetune: error: ") and message in lines[0], (
         out.stderr
     )
+
+
+def test_length_grouped_batches_cover_each_epoch_once_with_less_padding(tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from igulora.data import Example
+    from igulora.finetune import Batches
+
+    torch.manual_seed(0)
+    words = ["good", "bad", "fine", "film", "plot", "actor", "scene"]
+    examples = [  # distinct texts of random lengths
+        Example(
+            text=" ".join([words[k % 7], words[k // 7 % 7], words[k // 49]] + ["plot"] * int(n)), label=k % 2
+        )
+        for k, n in enumerate(torch.randint(0, 40, (203,)))
+    ]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir / "bert")
+    plain, grouped = (
+        Batches(
+            examples,
+            tokenizer,
+            _args(tmp_path, tiny_model_dir / "bert", batch_size=2, max_length=64, group_by_length=g),
+        )
+        for g in (False, True)
+    )
+    assert plain.per_epoch == 101  # megabatches of 50, 50 and 1 batches
+    for epoch in range(2):
+        steps = range(epoch * 101, (epoch + 1) * 101)
+        texts = [
+            sorted(
+                t for s in steps for t in tokenizer.batch_decode(b(s)["input_ids"], skip_special_tokens=True)
+            )
+            for b in (plain, grouped)
+        ]
+        assert texts[0] == texts[1] and len(set(texts[1])) == 202  # a reordering of the same epoch
+        padded = [sum(b(s)["input_ids"].numel() for s in steps) for b in (plain, grouped)]
+        assert padded[1] < 0.8 * padded[0], padded
+
+
+def test_orth_reg_weight_reaches_the_config(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    from igulora.finetune import igu_config
+
+    args = _args(tmp_path, tiny_model_dir / "bert", orth_reg_weight=0.0)
+    model = AutoModelForSequenceClassification.from_pretrained(args.model)
+    assert igu_config(args, model).orth_reg_weight == 0.0
