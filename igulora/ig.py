@@ -202,7 +202,22 @@ def batched_ig_loss(
     with batched_plan(model, node_batch.plan):
         row_loss, row_count = row_loss_fn(model, node_batch.batch)
     group_losses = group_mean_losses(row_loss, row_count, node_batch.groups)
-    return group_losses.sum(), group_losses[0]
+    loss = group_losses.sum()
+    return loss - node_gradient_of_other_parameters(model, group_losses[1:].sum()), group_losses[0]
+
+
+def node_gradient_of_other_parameters(model: nn.Module, node_loss: torch.Tensor) -> torch.Tensor | float:
+    """A zero-valued term whose gradient is the node groups' gradient of every trainable
+    non-adapter parameter (a task head, ``modules_to_save``): subtracted from the summed loss, it
+    leaves those parameters the training group's gradient alone, as in a plain step. Only the
+    adapters' row-wise backward keeps nodes out of ``.grad`` by itself."""
+    adapters = {id(p) for p in adapter_parameters(model).values()}
+    others = [p for p in model.parameters() if p.requires_grad and id(p) not in adapters]
+    if not others or not node_loss.requires_grad:
+        return 0.0
+    grads = torch.autograd.grad(node_loss, others, retain_graph=True, allow_unused=True)
+    term = sum((p * g).sum() for p, g in zip(others, grads) if g is not None)
+    return term - term.detach() if isinstance(term, torch.Tensor) else 0.0
 
 
 # ----------------------------------------------------------------------------------------------

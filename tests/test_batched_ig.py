@@ -17,14 +17,14 @@ from igulora import (
 )
 from igulora.ig import ADAPTER_PARAMS, adapter_parameters, batched_ig_loss, build_node_batch
 
-CASES = {
-    "bert-classification": (tiny_bert, sequence_classification_row_loss),
-    "llama-causal-lm": (tiny_llama, causal_lm_row_loss),
+CASES = {  # (model, row loss, its trained head)
+    "bert-classification": (tiny_bert, sequence_classification_row_loss, "classifier"),
+    "llama-causal-lm": (tiny_llama, causal_lm_row_loss, "lm_head"),
 }
 
 
-def _igu(factory):
-    config = IGULoraConfig(init_r=3, target_r=1, total_step=10, modules_to_save=None)
+def _igu(factory, head=None):
+    config = IGULoraConfig(init_r=3, target_r=1, total_step=10, modules_to_save=head and [head])
     igu = get_igu_model(factory(torch.float64), config)
     randomize_adapters(igu)
     return igu
@@ -47,8 +47,8 @@ def _node_by_node_ig(igu, row_loss_fn, batch, node_batch):
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("rule", ["trapezoid", "gauss_legendre", "stochastic"])
 def test_batched_step_gives_training_grad_and_node_by_node_ig(case, rule):
-    factory, row_loss_fn = CASES[case]
-    igu = _igu(factory)
+    factory, row_loss_fn, head = CASES[case]
+    igu = _igu(factory, head)  # the head trains too: the node rows must not reach its gradient
     batch = token_batch(n=5, t=6)
     if row_loss_fn is causal_lm_row_loss:
         del batch["labels"]  # next-token targets come from input_ids; pad the end of one row
@@ -61,7 +61,9 @@ def test_batched_step_gives_training_grad_and_node_by_node_ig(case, rule):
     loss, train_loss = batched_ig_loss(igu.model, row_loss_fn, node_batch)
     loss.backward()
     params = adapter_parameters(igu.model)
-    batched_grads = {n: p.grad.clone() for n, p in params.items()}
+    trained = {n: p for n, p in igu.model.named_parameters() if p.requires_grad}
+    assert len(trained) > len(params)
+    batched_grads = {n: p.grad.clone() for n, p in trained.items()}
     batched_ig = {
         f"{name}.{p}": buf
         for name, layer in igu.adapters.items()
@@ -72,8 +74,8 @@ def test_batched_step_gives_training_grad_and_node_by_node_ig(case, rule):
     plain = mean_loss(row_loss_fn)(igu.model, batch)
     plain.backward()
     torch.testing.assert_close(train_loss, plain, rtol=1e-13, atol=0)
-    for name, p in params.items():
-        torch.testing.assert_close(batched_grads[name], p.grad, rtol=1e-11, atol=1e-14)
+    for name, p in trained.items():
+        torch.testing.assert_close(batched_grads[name], p.grad, rtol=1e-11, atol=1e-14, msg=name)
 
     expected = _node_by_node_ig(igu, row_loss_fn, batch, node_batch)
     for name in params:

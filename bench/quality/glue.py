@@ -64,7 +64,15 @@ TASKS = {
 METHODS = ("lora", "adalora", "igu")
 LR_GRID = (1e-3, 2e-3, 5e-3)  # the same grid for every method
 VAL_FRACTION, SPLIT_SEED = 0.1, 12345
-IGU_KNOBS = ("init", "ig_rule", "ig_steps", "ig_every", "ig_fraction", "score")  # recorded per run
+IGU_KNOBS = (
+    "init",
+    "ig_rule",
+    "ig_steps",
+    "ig_every",
+    "ig_fraction",
+    "score",
+    "orth_reg_weight",
+)  # recorded per run
 ENCODER_LINEARS = r".*encoder\.layer\.\d+\..*(query|key|value|dense)$"
 # IGU-LoRA ablations: FinetuneArgs overrides (run at IGU's selected lr unless --lr is given).
 ABLATIONS = {
@@ -85,7 +93,12 @@ ABLATIONS = {
     "every-4": dict(ig_every=4),
     "adalora-init": dict(init="adalora"),
     "no-orth": dict(orth_reg_weight=0.0),
-    "adalora-init-no-orth": dict(init="adalora", orth_reg_weight=0.0),
+    # E = 0 init with PEFT AdaLoRA's regulariser strength (igulora averages per adapter, PEFT per
+    # matrix, so PEFT's 0.5 is igulora's 0.25); then the AdaLoRA score inside igulora, same setting
+    "E0-orth0.25": dict(init="adalora", orth_reg_weight=0.25),
+    "E0-orth0.25-gradient-product": dict(
+        init="adalora", orth_reg_weight=0.25, rule="gradient", score="product"
+    ),
 }
 
 
@@ -204,6 +217,7 @@ def train_one(spec: dict) -> dict:
         "val_accuracy": evaluate(module, val, batches)["eval_accuracy"],
         "dev_accuracy": evaluate(module, dev, batches)["eval_accuracy"],
         "final_loss": statistics.mean(losses[-20:]),
+        "loss_curve": [round(statistics.mean(losses[i : i + 10]), 4) for i in range(0, len(losses), 10)],
         "median_step_s": statistics.median(step_seconds),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "active_ranks": active_ranks(module),
