@@ -44,7 +44,7 @@ class IGULoraConfig:
     target_r: int = 8
     lora_alpha: float = 32.0
     lora_dropout: float = 0.0
-    init: str = "lora"  # AdaLoRA's E = 0 start learns slowly (docs/results.md)
+    init: str = "adalora"  # the LoRA-like start is unstable at 6 ranks (docs/results.md)
     prune_mode: str = "mask"
     total_step: int | None = None
     tinit: int = 0
@@ -55,7 +55,7 @@ class IGULoraConfig:
     beta2: float = 0.85
     score: str = "snr"
     score_eps: float = 1e-12
-    orth_reg_weight: float = 0.5
+    orth_reg_weight: float = 0.25  # = PEFT AdaLoRA's 0.5, which averages over A and B separately
     ig_rule: str = "gauss_legendre"  # defaults from docs/results.md (IG accuracy study)
     ig_steps: int = 3
     ig_every: int = 2  # with ig_fraction: the IG cost, see docs/results.md (step cost)

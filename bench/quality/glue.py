@@ -72,7 +72,7 @@ IGU_KNOBS = (
     "ig_fraction",
     "score",
     "orth_reg_weight",
-)  # recorded per run
+)
 ENCODER_LINEARS = r".*encoder\.layer\.\d+\..*(query|key|value|dense)$"
 # IGU-LoRA ablations: FinetuneArgs overrides (run at IGU's selected lr unless --lr is given).
 ABLATIONS = {
@@ -89,16 +89,11 @@ ABLATIONS = {
     "fraction-0.25": dict(ig_fraction=0.25),
     "fraction-0.5": dict(ig_fraction=0.5),
     "every-1": dict(ig_every=1),
-    "every-1-fraction-0.25": dict(ig_every=1, ig_fraction=0.25),  # the former defaults
+    "every-1-fraction-0.25": dict(ig_every=1, ig_fraction=0.25),  # the first session's IG settings
     "every-4": dict(ig_every=4),
-    "adalora-init": dict(init="adalora"),
-    "no-orth": dict(orth_reg_weight=0.0),
-    # E = 0 init with PEFT AdaLoRA's regulariser strength (igulora averages per adapter, PEFT per
-    # matrix, so PEFT's 0.5 is igulora's 0.25); then the AdaLoRA score inside igulora, same setting
-    "E0-orth0.25": dict(init="adalora", orth_reg_weight=0.25),
-    "E0-orth0.25-gradient-product": dict(
-        init="adalora", orth_reg_weight=0.25, rule="gradient", score="product"
-    ),
+    # the former defaults: LoRA-like init (B = 0, E = 1) with twice PEFT's orthogonality weight
+    "lora-init": dict(init="lora", orth_reg_weight=0.5),
+    "lora-init-gradient-product": dict(init="lora", orth_reg_weight=0.5, rule="gradient", score="product"),
 }
 
 
