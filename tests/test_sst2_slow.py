@@ -33,7 +33,7 @@ def test_minilm_sst2_reaches_85_percent(tmp_path, minilm_path):
         "--output-dir",
         str(tmp_path),
         "--max-steps",
-        "217",
+        "434",  # two epochs: at one, seed 0 of the defaults gave 0.841 (the spread is about +-0.015)
         "--seed",
         "0",
         "--no-progress",  # everything else: the library's defaults
