@@ -202,8 +202,8 @@ def batched_ig_loss(
     with batched_plan(model, node_batch.plan):
         row_loss, row_count = row_loss_fn(model, node_batch.batch)
     group_losses = group_mean_losses(row_loss, row_count, node_batch.groups)
-    loss = group_losses.sum()
-    return loss - node_gradient_of_other_parameters(model, group_losses[1:].sum()), group_losses[0]
+    correction = node_gradient_of_other_parameters(model, group_losses[1:].sum())
+    return group_losses.sum() - correction, group_losses[0]
 
 
 def node_gradient_of_other_parameters(model: nn.Module, node_loss: torch.Tensor) -> torch.Tensor | float:
@@ -216,8 +216,11 @@ def node_gradient_of_other_parameters(model: nn.Module, node_loss: torch.Tensor)
     if not others or not node_loss.requires_grad:
         return 0.0
     grads = torch.autograd.grad(node_loss, others, retain_graph=True, allow_unused=True)
-    term = sum((p * g).sum() for p, g in zip(others, grads) if g is not None)
-    return term - term.detach() if isinstance(term, torch.Tensor) else 0.0
+    reached = [(p, g) for p, g in zip(others, grads) if g is not None]
+    if not reached:
+        return 0.0
+    term = sum((p * g).sum() for p, g in reached)
+    return term - term.detach()
 
 
 # ----------------------------------------------------------------------------------------------

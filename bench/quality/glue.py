@@ -64,15 +64,8 @@ TASKS = {
 METHODS = ("lora", "adalora", "igu")
 LR_GRID = (1e-3, 2e-3, 5e-3)  # the same grid for every method
 VAL_FRACTION, SPLIT_SEED = 0.1, 12345
-IGU_KNOBS = (
-    "init",
-    "ig_rule",
-    "ig_steps",
-    "ig_every",
-    "ig_fraction",
-    "score",
-    "orth_reg_weight",
-)
+# recorded per run
+IGU_KNOBS = ("init", "ig_rule", "ig_steps", "ig_every", "ig_fraction", "score", "orth_reg_weight")
 ENCODER_LINEARS = r".*encoder\.layer\.\d+\..*(query|key|value|dense)$"
 # IGU-LoRA ablations: FinetuneArgs overrides (run at IGU's selected lr unless --lr is given).
 ABLATIONS = {
