@@ -95,6 +95,20 @@ def test_report_summarises_dev_over_seeds_at_the_selected_lr(tmp_path):
     assert (tmp_path / "sst2-ranks.png").stat().st_size > 0
 
 
+def test_the_paired_difference_compares_the_same_seeds_at_each_selected_lr():
+    runs, expected = synthetic_runs(3)
+    runs.append(record("igu", expected["igu"], 3, 0.5, 0.9))  # a seed the other method lacks
+    dev = {
+        (r["method"], r["seed"]): r["dev_accuracy"]
+        for r in runs
+        if r["lr"] == expected[r["method"]] and r["variant"] == "default"
+    }
+    diffs = [dev["igu", s] - dev["adalora", s] for s in (0, 1, 2)]
+    mean, std, n = report.paired_difference(runs, "sst2", "igu", "adalora")
+    assert n == 3
+    assert mean == pytest.approx(statistics.mean(diffs)) and std == pytest.approx(statistics.stdev(diffs))
+
+
 @pytest.mark.parametrize("method", glue.METHODS)
 def test_each_method_trains_its_adapters_and_ends_within_the_budget(method, tiny_model_dir):
     from transformers import BertForSequenceClassification

@@ -33,6 +33,26 @@ def best_of(search: list[dict]) -> dict:
     return max(search, key=lambda r: (r["val_accuracy"], -r["lr"]))
 
 
+def final_runs(runs: list[dict], task: str, method: str) -> list[dict]:
+    """A method's default runs at its selected lr (best seed-0 val), by seed; [] before a search."""
+    mine = [r for r in runs if r["task"] == task and r["method"] == method and r["variant"] == "default"]
+    search = [r for r in mine if r["seed"] == 0]
+    if not search:
+        return []
+    lr = best_of(search)["lr"]
+    return sorted((r for r in mine if r["lr"] == lr), key=lambda r: r["seed"])
+
+
+def paired_difference(runs: list[dict], task: str, method: str, other: str) -> tuple[float, float, int]:
+    """Mean and std over the seeds both ran of dev(method) - dev(other), and the number of seeds."""
+    ours, theirs = (
+        {r["seed"]: r["dev_accuracy"] for r in final_runs(runs, task, m)} for m in (method, other)
+    )
+    diffs = [ours[s] - theirs[s] for s in sorted(ours.keys() & theirs.keys())]
+    std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+    return (statistics.mean(diffs) if diffs else 0.0), std, len(diffs)
+
+
 def main_table(runs: list[dict], task: str) -> list[str]:
     """Per method: the lr search on val (seed 0), then dev over seeds at the selected lr."""
     lines = [
@@ -43,19 +63,33 @@ def main_table(runs: list[dict], task: str) -> list[str]:
         "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: |",
     ]
     for method, label in METHOD_NAMES.items():
-        mine = [r for r in runs if r["task"] == task and r["method"] == method and r["variant"] == "default"]
-        search = sorted((r for r in mine if r["seed"] == 0), key=lambda r: r["lr"])
-        if not search:
+        final = final_runs(runs, task, method)
+        if not final:
             continue
-        best = best_of(search)
-        final = sorted((r for r in mine if r["lr"] == best["lr"]), key=lambda r: r["seed"])
+        search = sorted(
+            (
+                r
+                for r in runs
+                if (r["task"], r["method"], r["variant"], r["seed"]) == (task, method, "default", 0)
+            ),
+            key=lambda r: r["lr"],
+        )
         dev = [r["dev_accuracy"] for r in final]
         grid = ", ".join(f"{r['lr']:g}: {r['val_accuracy']:.3f}" for r in search)
         lines.append(
-            f"| {label} | {grid} | {best['lr']:g} | {_acc(dev)} | {statistics.median(dev):.4f} | "
+            f"| {label} | {grid} | {final[0]['lr']:g} | {_acc(dev)} | {statistics.median(dev):.4f} | "
             f"{_mean_std(dev)} | {statistics.median(r['median_step_s'] for r in final):.3f} | "
             f"{max(r['peak_rss_mb'] for r in final):.0f} |"
         )
+    lines.append("")
+    for other in ("adalora", "lora"):
+        mean, std, n = paired_difference(runs, task, "igu", other)
+        if n > 1:
+            t = mean / (std / n**0.5) if std > 0 else float("nan")
+            lines.append(
+                f"- paired by seed, IGU-LoRA - {METHOD_NAMES[other]}: dev {mean:+.4f} +- {std:.4f} "
+                f"over {n} seeds (t = {t:.2f})"
+            )
     return lines + [
         "",
         "*Inside the accuracy runs (1 thread each, two runs sharing the 2 cores): the fair step cost is "
