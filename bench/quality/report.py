@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import sys
 from collections.abc import Iterable
@@ -116,7 +117,12 @@ def ablation_table(runs: list[dict], task: str, cost: dict[str, float]) -> list[
         "| step cost (x PEFT AdaLoRA) |",
         "| --- | --- | ---: | ---: | --- | ---: | ---: |",
     ]
-    for (variant, lr), group in sorted(groups.items(), key=lambda item: (item[0][0] != "default", item[0])):
+
+    def order(item):  # the defaults first, then by name with numbers in numeric order (gl-2 < gl-16)
+        (variant, lr), _ = item
+        return variant != "default", [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", variant)], lr
+
+    for (variant, lr), group in sorted(groups.items(), key=order):
         first, dev = group[0], [r["dev_accuracy"] for r in group]
         settings = ", ".join(f"{k}={v}" for k, v in first["overrides"].items()) or "library defaults"
         ratio = cost.get("igu (defaults)" if variant == "default" else f"igu {variant}")
