@@ -34,14 +34,24 @@ def best_of(search: list[dict]) -> dict:
     return max(search, key=lambda r: (r["val_accuracy"], -r["lr"]))
 
 
+def search_runs(runs: list[dict], task: str, method: str) -> list[dict]:
+    """A method's lr search: its default runs on seed 0, by lr."""
+    key = (task, method, "default", 0)
+    return sorted(
+        (r for r in runs if (r["task"], r["method"], r["variant"], r["seed"]) == key), key=lambda r: r["lr"]
+    )
+
+
 def final_runs(runs: list[dict], task: str, method: str) -> list[dict]:
     """A method's default runs at its selected lr (best seed-0 val), by seed; [] before a search."""
-    mine = [r for r in runs if r["task"] == task and r["method"] == method and r["variant"] == "default"]
-    search = [r for r in mine if r["seed"] == 0]
+    search = search_runs(runs, task, method)
     if not search:
         return []
     lr = best_of(search)["lr"]
-    return sorted((r for r in mine if r["lr"] == lr), key=lambda r: r["seed"])
+    mine = (
+        r for r in runs if (r["task"], r["method"], r["variant"], r["lr"]) == (task, method, "default", lr)
+    )
+    return sorted(mine, key=lambda r: r["seed"])
 
 
 def paired_difference(runs: list[dict], task: str, method: str, other: str) -> tuple[float, float, int]:
@@ -67,14 +77,7 @@ def main_table(runs: list[dict], task: str) -> list[str]:
         final = final_runs(runs, task, method)
         if not final:
             continue
-        search = sorted(
-            (
-                r
-                for r in runs
-                if (r["task"], r["method"], r["variant"], r["seed"]) == (task, method, "default", 0)
-            ),
-            key=lambda r: r["lr"],
-        )
+        search = search_runs(runs, task, method)
         dev = [r["dev_accuracy"] for r in final]
         grid = ", ".join(f"{r['lr']:g}: {r['val_accuracy']:.3f}" for r in search)
         lines.append(
@@ -138,10 +141,9 @@ def heatmaps(runs: list[dict], task: str, out: Path) -> Path | None:
     """AdaLoRA's and IGU-LoRA's final ranks (seed 0, selected lr) side by side."""
     panels = {}
     for method in ("adalora", "igu"):
-        key = (task, method, "default", 0)
-        mine = [r for r in runs if (r["task"], r["method"], r["variant"], r["seed"]) == key]
-        if mine:
-            best = best_of(mine)
+        final = final_runs(runs, task, method)
+        if final:
+            best = final[0]  # seed 0: the run that selected the lr
             ranks = {_module_name(k): v for k, v in best["active_ranks"].items()}
             panels[f"{METHOD_NAMES[method]}, lr {best['lr']:g}"] = ranks
     if len(panels) < 2:
