@@ -55,7 +55,9 @@ class IGULoraConfig:
     beta2: float = 0.85
     score: str = "snr"
     score_eps: float = 1e-12
-    orth_reg_weight: float = 0.25  # = PEFT AdaLoRA's 0.5, which averages over A and B separately
+    # Off by default: at 0.25 (= PEFT AdaLoRA's 0.5 per matrix) its early gradients slow learning
+    # (docs/results.md). method.md's per-adapter mean: PEFT's w per matrix is igulora's w / 2.
+    orth_reg_weight: float = 0.0
     ig_rule: str = "gauss_legendre"  # defaults from docs/results.md (IG accuracy study)
     ig_steps: int = 3
     ig_every: int = 2  # with ig_fraction: the IG cost, see docs/results.md (step cost)

@@ -196,6 +196,6 @@ def test_orth_reg_weight_reaches_the_config(tmp_path, tiny_model_dir):
 
     from igulora.finetune import igu_config
 
-    args = _args(tmp_path, tiny_model_dir / "bert", orth_reg_weight=0.0)
+    args = _args(tmp_path, tiny_model_dir / "bert", orth_reg_weight=0.3)
     model = AutoModelForSequenceClassification.from_pretrained(args.model)
-    assert igu_config(args, model).orth_reg_weight == 0.0
+    assert igu_config(args, model).orth_reg_weight == 0.3

