@@ -241,10 +241,8 @@ def ensure(specs: list[dict], path: Path) -> list[dict]:
     """Run the specs not yet recorded in ``path`` (one subprocess each); return all their records.
     The file is re-read before each run, so two drivers can share it (two lanes on two cores)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    done: dict[str, dict] = {}
     for number, spec in enumerate(specs, 1):
-        done = {run_key(r): r for r in load_runs(path)}
-        if run_key(spec) in done:
+        if run_key(spec) in {run_key(r) for r in load_runs(path)}:
             continue
         print(f"[{number}/{len(specs)}] {run_key(spec)}", flush=True)
         started = time.time()
@@ -257,8 +255,8 @@ def ensure(specs: list[dict], path: Path) -> list[dict]:
         record["wall_s"] = round(time.time() - started, 1)
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        done[run_key(spec)] = record
         print(f"    val {record['val_accuracy']:.4f} dev {record['dev_accuracy']:.4f} ({record['wall_s']} s)")
+    done = {run_key(r): r for r in load_runs(path)}
     return [done[run_key(s)] for s in specs]
 
 
