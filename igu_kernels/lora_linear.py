@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from igu_kernels.amp import autocast_off
 from igu_kernels.dispatch import interpreting
 
 Tensor = torch.Tensor
@@ -273,6 +274,7 @@ class TritonBatchedIGLoraFunction(torch.autograd.Function):
     """Same contract as ``reference.BatchedIGLoraFunction``, computed by the kernels above."""
 
     @staticmethod
+    @autocast_off
     def forward(ctx, u, A, E, B, mask, scaling, row_scale, train_coef, ig_coef, ig_buffers):
         shape, K, N = u.shape, A.shape[1], B.shape[0]
         u2 = u.reshape(-1, K).contiguous()
@@ -302,6 +304,7 @@ class TritonBatchedIGLoraFunction(torch.autograd.Function):
         return y.reshape(*shape[:-1], N)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, gy):
         u2, h, c, tc, A, E, B = ctx.saved_tensors
         compact, s, per_row = ctx.compact, float(ctx.scaling), ctx.per_row

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from igu_kernels.amp import autocast_off
+
 Tensor = torch.Tensor
 
 
@@ -23,6 +25,7 @@ def effective_singular_values(E: Tensor, mask: Tensor | None) -> Tensor:
     return E if mask is None else E * mask.to(E.dtype)
 
 
+@autocast_off
 def lora_delta(
     x: Tensor,
     A: Tensor,
@@ -77,6 +80,7 @@ class BatchedIGLoraFunction(torch.autograd.Function):
     """
 
     @staticmethod
+    @autocast_off
     def forward(ctx, u, A, E, B, mask, scaling, row_scale, train_coef, ig_coef, ig_buffers):
         dtype = compute_dtype(u, A)
         shape = u.shape
@@ -94,6 +98,7 @@ class BatchedIGLoraFunction(torch.autograd.Function):
         return y.reshape(*shape[:-1], B.shape[0])
 
     @staticmethod
+    @autocast_off
     def backward(ctx, gy):
         u2, h, A, E, B, mask, c = ctx.saved_tensors
         mask = mask if ctx.has_mask else None

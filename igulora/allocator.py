@@ -85,15 +85,25 @@ class RankAllocator:
             importance.update({f"{name}.{p}": v for p, v in zip(ADAPTER_PARAMS, values)})
         return importance
 
-    def update_scores(self) -> bool:
-        """Fold this step's importance into the EMAs; False if there was none or it was skipped."""
+    def update_scores(self, loss_scale: float = 1.0, step_skipped: bool = False) -> bool:
+        """Fold this step's importance into the EMAs; False if there was none or it was skipped.
+
+        ``loss_scale``: the factor the backpropagated loss carried (a ``GradScaler``'s scale); the
+        IG buffers are divided by it, as ``.grad`` is unscaled before the optimizer step.
+        ``step_skipped``: the optimizer step was skipped (inf/NaN gradients), so is this update.
+        """
         importance = self._importance()
         for layer in self.layers.values():
             layer.ig_buffers = None  # consumed: the next batched IG step starts from zero
         if importance is None:
             return False
+        if step_skipped:
+            self.skipped_updates += 1
+            return False
         if self.config.ig_rule != "gradient":  # DDP already averaged .grad; IG buffers are local
             all_reduce_mean(list(importance.values()))
+            if loss_scale != 1.0:  # .grad was unscaled by the scaler already (the gradient rule)
+                importance = {name: value / loss_scale for name, value in importance.items()}
         if not all(bool(torch.isfinite(v).all()) for v in importance.values()):
             self.skipped_updates += 1
             warnings.warn(
@@ -178,16 +188,18 @@ class RankAllocator:
             for layer in self.layers.values():
                 layer.lora_E.masked_fill_(~layer.rank_mask, 0.0)
 
-    def update_and_allocate(self, step: int) -> dict[str, list[bool]] | None:
+    def update_and_allocate(
+        self, step: int, loss_scale: float = 1.0, step_skipped: bool = False
+    ) -> dict[str, list[bool]] | None:
         """Score update and (on schedule) reallocation for optimizer step ``step``.
 
         Returns the new rank pattern when masks changed this step, else None. Masks are frozen
-        from ``total_step - tfinal`` on.
+        from ``total_step - tfinal`` on. ``loss_scale``, ``step_skipped``: see :meth:`update_scores`.
         """
         c = self.config
         final_start = c.total_step - c.tfinal
         if step < final_start:
-            self.update_scores()
+            self.update_scores(loss_scale, step_skipped)
             budget, reallocate = self.budget_schedule(step)
             return self.mask_to_budget(budget) if reallocate and self.scores else None
         if step == final_start:

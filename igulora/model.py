@@ -226,11 +226,20 @@ class IGUModel(nn.Module):
         grads = [p.grad for p in self.parameters() if p.requires_grad and p.grad is not None]
         return bool(torch.isfinite(loss).all()) and all(bool(torch.isfinite(g).all()) for g in grads)
 
-    def update_and_allocate(self, step: int) -> dict[str, list[bool]] | None:
-        """Call after ``optimizer.step()`` with the 0-based optimizer step."""
+    def update_and_allocate(
+        self, step: int, grad_scaler: torch.amp.GradScaler | None = None
+    ) -> dict[str, list[bool]] | None:
+        """Call after ``optimizer.step()`` with the 0-based optimizer step.
+
+        With fp16 and a ``torch.amp.GradScaler``, pass it and call this after
+        ``scaler.step(optimizer)`` and before ``scaler.update()``: the IG buffers carry the loss
+        scale as ``.grad`` does and are unscaled by it, and a step the scaler skips (inf/NaN)
+        skips the score update too.
+        """
+        loss_scale, skipped = scaler_state(grad_scaler)
         self._allocation_calls += 1
         self.step = step + 1
-        return self.allocator.update_and_allocate(step)
+        return self.allocator.update_and_allocate(step, loss_scale, skipped)
 
     # -- saving -----------------------------------------------------------------------------
 
@@ -381,6 +390,27 @@ def _check_modules(model: nn.Module, modules: dict[str, list[int]], path: Path) 
                 f"{path}: module {name!r} is {shape[1]} -> {shape[0]} in this model but "
                 f"{in_features} -> {out_features} in the save (another base model?)"
             )
+
+
+def scaler_state(grad_scaler: torch.amp.GradScaler | None) -> tuple[float, bool]:
+    """(loss scale of this step's backward, whether ``scaler.step`` skipped the optimizer step).
+
+    Read between ``scaler.step(optimizer)`` and ``scaler.update()``: ``update()`` changes the
+    scale and forgets what ``step()`` found.
+    """
+    if grad_scaler is None or not grad_scaler.is_enabled():
+        return 1.0, False
+    found = [
+        found_inf
+        for state in grad_scaler._per_optimizer_states.values()  # the scaler keeps no public record
+        for found_inf in state["found_inf_per_device"].values()
+    ]
+    if not found:
+        raise RuntimeError(
+            "update_and_allocate(grad_scaler=...) must be called after scaler.step(optimizer) and "
+            "before scaler.update(): the scaler has no record of this step's inf/NaN check"
+        )
+    return grad_scaler.get_scale(), any(bool(f.item()) for f in found)
 
 
 def get_igu_model(model: nn.Module, config: IGULoraConfig) -> IGUModel:

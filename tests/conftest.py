@@ -166,3 +166,45 @@ def write_sentiment_jsonl(path, n=80):
     ]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def lm_batch(n=4, t=8, seed=0):
+    """A causal-LM batch (targets from input_ids) with one padded row end."""
+    batch = token_batch(n=n, t=t, seed=seed)
+    del batch["labels"]
+    batch["attention_mask"][1, -2:] = 0
+    return batch
+
+
+def step_gradients(igu, batch, row_loss_fn, scoring=True, context=None, module=None):
+    """One training (micro-)step of ``igu``: its trainable parameters' .grad and, on a scoring
+    step (``config.ig_every`` must be 2), the IG buffers, keyed ``layer.lora_X``.
+
+    ``context()`` wraps the forward (an autocast region, say); backward runs outside it.
+    """
+    import contextlib
+
+    from igulora.ig import ADAPTER_PARAMS
+
+    assert igu.config.ig_every == 2
+    igu.train()
+    igu.step = 0 if scoring else 1
+    with context() if context else contextlib.nullcontext():
+        loss = igu.training_loss(batch, row_loss_fn, module=module)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in igu.named_parameters() if p.grad is not None}
+    ig = {
+        f"{name}.{p}": buf.clone()
+        for name, layer in igu.adapters.items()
+        for p, buf in zip(ADAPTER_PARAMS, layer.ig_buffers or ())
+    }
+    assert bool(ig) == scoring
+    return grads, ig
+
+
+def relative_error(result: dict, reference: dict) -> float:
+    """||result - reference|| / ||reference|| over all entries of two dicts of tensors."""
+    assert result.keys() == reference.keys()
+    diff = sum(float((result[k].double() - reference[k].double()).square().sum()) for k in reference)
+    norm = sum(float(reference[k].double().square().sum()) for k in reference)
+    return (diff / norm) ** 0.5
