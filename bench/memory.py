@@ -31,7 +31,7 @@ def saved_bytes(forward: Callable[[], torch.Tensor]) -> tuple[int, torch.Tensor]
 
 def node_memory_rows(igu, batch, row_loss_fn, nodes: list[int], device: torch.device) -> list[dict]:
     """Saved bytes (and GPU peak) of one batched IG training step for each node count."""
-    from igulora.ig import batched_ig_loss, build_node_batch, mean_loss
+    from igulora.ig import batched_ig_loss, build_node_batch, mean_loss, set_row_plan
     from igulora.quadrature import quadrature
 
     params = sum(p.numel() * p.element_size() for n, p in igu.named_parameters() if "lora_" in n)
@@ -44,6 +44,7 @@ def node_memory_rows(igu, batch, row_loss_fn, nodes: list[int], device: torch.de
             torch.cuda.reset_peak_memory_stats(device)
         saved, (loss, _) = saved_bytes(lambda nb=node_batch: batched_ig_loss(igu, row_loss_fn, nb))
         loss.backward()
+        set_row_plan(igu, None)
         # The same stacked rows through a plain training forward: what the rows alone cost.
         plain, plain_loss = saved_bytes(lambda nb=node_batch: mean_loss(row_loss_fn)(igu, nb.batch))
         plain_loss.backward()

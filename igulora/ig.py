@@ -97,9 +97,8 @@ def integrated_gradients(
             baseline_loss = float(loss_fn(model, batch))
     path_grad = {name: torch.zeros_like(p) for name, p in params.items()}
     for alpha, weight in quad:
-        with path_point(model, alpha):
-            node_loss = loss_fn(model, batch)
-        grads = torch.autograd.grad(node_loss, list(params.values()), allow_unused=True)
+        with path_point(model, alpha):  # backward too: a checkpointed block recomputes its forward
+            grads = _gradients(model, loss_fn(model, batch), list(params.values()))
         for acc, g in zip(path_grad.values(), grads):
             if g is not None:
                 acc.add_(g, alpha=weight / alpha)
@@ -107,6 +106,24 @@ def integrated_gradients(
     result = IGResult(attributions, loss, baseline_loss, delta=0.0)
     result.delta = result.total - (loss - baseline_loss)
     return result
+
+
+def _gradients(model: nn.Module, loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """``d loss / d params`` by ``backward()``, every ``.grad`` of ``model`` left as it was.
+
+    Not ``torch.autograd.grad``: it cannot see into reentrant checkpointed blocks (it would
+    return None for their adapters).
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    saved = [p.grad for p in trainable]
+    for p in trainable:
+        p.grad = None
+    try:
+        loss.backward()
+        return [p.grad for p in params]
+    finally:
+        for p, grad in zip(trainable, saved):
+            p.grad = grad
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,17 +176,14 @@ def build_node_batch(
     return NodeBatch(stacked, plan, groups.to(device), ig_index, quad)
 
 
-@contextlib.contextmanager
-def batched_plan(model: nn.Module, plan: RowPlan) -> Iterator[None]:
-    """Route every adapter through the batched IG op for the duration of a forward."""
-    layers = adapter_layers(model).values()
-    for layer in layers:
+def set_row_plan(model: nn.Module, plan: RowPlan | None) -> None:
+    """Route every adapter through the batched IG op with ``plan`` (None: the plain op again).
+
+    The plan must stay in place until backward is done: gradient checkpointing recomputes the
+    forward during backward, and the recomputed rows must carry the same node scales.
+    """
+    for layer in adapter_layers(model).values():
         layer.row_plan = plan
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.row_plan = None
 
 
 def ensure_ig_buffers(model: nn.Module) -> None:
@@ -196,11 +210,13 @@ def batched_ig_loss(
 
     The backpropagated loss is the SUM of per-group mean losses, so each row's output gradient
     is the one of its own group (method.md, section 4). Backward fills ``.grad`` with the
-    training gradient and adds the IG estimate to every layer's ``ig_buffers``.
+    training gradient and adds the IG estimate to every layer's ``ig_buffers``. The row plan
+    stays installed for that backward; ``set_row_plan(model, None)`` removes it (``IGUModel``
+    does so in ``update_and_allocate``, the next ``training_loss`` and ``eval()``).
     """
     ensure_ig_buffers(model)
-    with batched_plan(model, node_batch.plan):
-        row_loss, row_count = row_loss_fn(model, node_batch.batch)
+    set_row_plan(model, node_batch.plan)
+    row_loss, row_count = row_loss_fn(model, node_batch.batch)
     group_losses = group_mean_losses(row_loss, row_count, node_batch.groups)
     correction = node_gradient_of_other_parameters(model, group_losses[1:].sum())
     return group_losses.sum() - correction, group_losses[0]
@@ -217,10 +233,32 @@ def node_gradient_of_other_parameters(model: nn.Module, node_loss: torch.Tensor)
         return 0.0
     grads = torch.autograd.grad(node_loss, others, retain_graph=True, allow_unused=True)
     reached = [(p, g) for p, g in zip(others, grads) if g is not None]
+    if len(reached) < len(others) and _has_reentrant_checkpoint(node_loss):
+        missing = {id(p) for p, g in zip(others, grads) if g is None}
+        names = [n for n, p in model.named_parameters() if id(p) in missing]
+        raise RuntimeError(
+            f"trainable non-adapter parameters {names[:4]} are unreachable through a reentrant "
+            "checkpoint (use_reentrant=True) on a scoring step: train them outside checkpointed "
+            'blocks or use gradient_checkpointing_kwargs={"use_reentrant": False}'
+        )
     if not reached:
         return 0.0
     term = sum((p * g).sum() for p, g in reached)
     return term - term.detach()
+
+
+def _has_reentrant_checkpoint(loss: torch.Tensor) -> bool:
+    """Whether the graph behind ``loss`` holds a reentrant ``torch.utils.checkpoint`` node."""
+    seen, stack = set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        if type(node).__name__ == "CheckpointFunctionBackward":
+            return True
+        seen.add(node)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,4 +322,5 @@ __all__ = [
     "mean_loss",
     "path_point",
     "sequence_classification_row_loss",
+    "set_row_plan",
 ]

@@ -136,7 +136,9 @@ class IGULoraLinear(nn.Module):
             if u.shape[0] != plan.row_scale.shape[0]:
                 raise ValueError(
                     f"IGULoraLinear: input has {u.shape[0]} rows on dim 0 but the batched IG plan "
-                    f"has {plan.row_scale.shape[0]}; adapted layers need the batch on dim 0"
+                    f"has {plan.row_scale.shape[0]}; adapted layers need the batch on dim 0, and a "
+                    "scoring step's plan stays installed until its backward is done "
+                    "(update_and_allocate, the next training_loss or eval() removes it)"
                 )
             delta = igu_kernels.batched_ig_lora_delta(
                 u,

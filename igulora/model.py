@@ -22,6 +22,7 @@ from igulora.ig import (
     build_node_batch,
     mean_loss,
     sequence_classification_row_loss,
+    set_row_plan,
 )
 from igulora.io import write_json, write_safetensors
 from igulora.layer import IGULoraLinear, is_adaptable
@@ -159,6 +160,53 @@ class IGUModel(nn.Module):
                 "every optimizer.step(), or train with igulora.IGUTrainer."
             )
 
+    def train(self, mode: bool = True) -> IGUModel:
+        if not mode and hasattr(self, "allocator"):
+            set_row_plan(self.model, None)  # an evaluation forward is never a scoring step's
+        return super().train(mode)
+
+    # -- the Hugging Face model methods the Trainer calls -----------------------------------
+
+    def _hf_method(self, *names: str):
+        for name in names:
+            method = getattr(self.model, name, None)
+            if callable(method):
+                return method
+        raise TypeError(
+            f"{type(self.model).__name__} has no {' or '.join(names)}; wrap its blocks in "
+            "torch.utils.checkpoint.checkpoint yourself (igulora's steps are exact under it)"
+        )
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs):
+        """Gradient (activation) checkpointing of the wrapped Hugging Face model, reentrant or not.
+
+        The batched IG rows are recomputed with their node scales, so ``.grad`` and the IG buffers
+        equal a step without checkpointing. The input embeddings' output is made to require grad,
+        which reentrant checkpointing of a frozen base needs.
+        """
+        enable = self._hf_method("activation_checkpointing_enable", "gradient_checkpointing_enable")
+        enable(activation_checkpointing_kwargs, **kwargs)
+        self.enable_input_require_grads()
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs):
+        """transformers' former name of :meth:`activation_checkpointing_enable`."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    def activation_checkpointing_disable(self) -> None:
+        self._hf_method("activation_checkpointing_disable", "gradient_checkpointing_disable")()
+
+    gradient_checkpointing_disable = activation_checkpointing_disable
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return bool(getattr(self.model, "is_gradient_checkpointing", False))
+
+    def enable_input_require_grads(self) -> None:
+        self._hf_method("enable_input_require_grads")()
+
+    def disable_input_require_grads(self) -> None:
+        self._hf_method("disable_input_require_grads")()
+
     @property
     def adapters(self) -> dict[str, IGULoraLinear]:
         return self.allocator.layers
@@ -208,6 +256,7 @@ class IGUModel(nn.Module):
         ``module`` is what ``row_loss_fn`` calls: this model (default) or a wrapper of it (DDP).
         """
         module = self if module is None else module
+        set_row_plan(self.model, None)  # the previous scoring step's backward is done
         if self.is_scoring_step():
             c = self.config
             quad = quadrature(c.ig_rule, c.ig_steps, grid=c.stochastic_grid, generator=self._node_generator)
@@ -237,6 +286,7 @@ class IGUModel(nn.Module):
         skips the score update too.
         """
         loss_scale, skipped = scaler_state(grad_scaler)
+        set_row_plan(self.model, None)
         self._allocation_calls += 1
         self.step = step + 1
         return self.allocator.update_and_allocate(step, loss_scale, skipped)
