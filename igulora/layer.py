@@ -30,7 +30,23 @@ def _is_conv1d(module: nn.Module) -> bool:
 
 
 def is_adaptable(module: nn.Module) -> bool:
+    """nn.Linear (bitsandbytes' Linear4bit and Linear8bitLt are subclasses) or GPT-2's Conv1D."""
     return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an adaptable module, read from the layer and not from its
+    weight: a quantized weight is packed (a 4-bit (out, in) weight is stored as (out*in/2, 1))."""
+    if _is_conv1d(module):
+        return module.weight.shape[0], module.nf
+    return module.in_features, module.out_features
+
+
+def quantization(module: nn.Module) -> str | None:
+    """The bitsandbytes weight type of a quantized base (``"Params4bit"``, ``"Int8Params"``) or None."""
+    weight = module.weight
+    kind = type(weight).__name__
+    return kind if kind in ("Params4bit", "Int8Params") or not weight.is_floating_point() else None
 
 
 class IGULoraLinear(nn.Module):
@@ -60,9 +76,9 @@ class IGULoraLinear(nn.Module):
         self.base_layer = base_layer
         self.fan_in_fan_out = _is_conv1d(base_layer)
         weight = base_layer.weight
-        out_features, in_features = weight.shape[::-1] if self.fan_in_fan_out else weight.shape
+        in_features, out_features = linear_features(base_layer)
         self.in_features, self.out_features, self.r = in_features, out_features, r
-        dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32  # 4/8-bit: fp32
         factory = {"device": weight.device, "dtype": dtype}
         self.lora_A = nn.Parameter(torch.empty(r, in_features, **factory))
         self.lora_E = nn.Parameter(torch.empty(r, **factory))
@@ -111,6 +127,14 @@ class IGULoraLinear(nn.Module):
     def merge(self) -> None:
         if self.merged:
             raise RuntimeError("IGULoraLinear.merge(): adapter is already merged")
+        kind = quantization(self.base_layer)
+        if kind is not None:
+            raise RuntimeError(
+                f"IGULoraLinear.merge(): the base {type(self.base_layer).__name__} "
+                f"({self.in_features} -> {self.out_features}) holds a quantized {kind} weight; "
+                "merging into it would requantize the update away. Save the adapter "
+                "(save_pretrained) and merge it into the unquantized base instead"
+            )
         weight = self.base_layer.weight
         weight.copy_((weight.to(self.lora_A.dtype) + self.delta_weight()).to(weight.dtype))
         self.merged = True

@@ -25,7 +25,7 @@ from igulora.ig import (
     set_row_plan,
 )
 from igulora.io import write_json, write_safetensors
-from igulora.layer import IGULoraLinear, is_adaptable
+from igulora.layer import IGULoraLinear, is_adaptable, linear_features, quantization
 from igulora.quadrature import quadrature
 
 PEFT_CONFIG = "adapter_config.json"
@@ -291,6 +291,23 @@ class IGUModel(nn.Module):
         self.step = step + 1
         return self.allocator.update_and_allocate(step, loss_scale, skipped)
 
+    @torch.no_grad()
+    def merge_and_unload(self) -> nn.Module:
+        """Merge every adapter's kept ranks into its base weight and return the plain model
+        (PEFT's ``merge_and_unload``; this IGUModel is spent afterwards). Refuses, changing
+        nothing, when a base layer is quantized."""
+        for name, layer in self.adapters.items():
+            kind = quantization(layer.base_layer)
+            if kind is not None:
+                raise RuntimeError(
+                    f"merge_and_unload: module {name!r} has a quantized base ({kind}); save the adapter "
+                    "with save_pretrained and merge it into the unquantized model (PEFT loads it)"
+                )
+        for name, layer in self.adapters.items():
+            layer.merge()
+            _replace_module(self.model, name, layer.base_layer)
+        return self.model
+
     # -- saving -----------------------------------------------------------------------------
 
     def peft_export(self) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -429,15 +446,10 @@ def _check_modules(model: nn.Module, modules: dict[str, list[int]], path: Path) 
         module = present.get(name)
         if module is None or not is_adaptable(module):
             raise ValueError(f"{path}: module {name!r} is not a Linear/Conv1D of {type(model).__name__}")
-        weight = module.weight
-        shape = (
-            (weight.shape[0], weight.shape[1])
-            if isinstance(module, nn.Linear)
-            else (weight.shape[1], weight.shape[0])
-        )
-        if shape != (out_features, in_features):
+        features = linear_features(module)
+        if features != (in_features, out_features):
             raise ValueError(
-                f"{path}: module {name!r} is {shape[1]} -> {shape[0]} in this model but "
+                f"{path}: module {name!r} is {features[0]} -> {features[1]} in this model but "
                 f"{in_features} -> {out_features} in the save (another base model?)"
             )
 

@@ -104,3 +104,14 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
         atomic_write(target, crash)
     assert target.read_text() == "old"
     assert list(tmp_path.iterdir()) == [target]
+
+
+def test_merge_and_unload_gives_the_adapted_outputs_from_a_plain_model():
+    igu = _trained_igu(tiny_bert, ["query", "value", "intermediate.dense"])
+    batch = token_batch()
+    del batch["labels"]
+    with torch.no_grad():
+        expected = igu(**batch).logits
+        merged = igu.merge_and_unload()
+        assert not any(type(m).__name__ == "IGULoraLinear" for m in merged.modules())
+        torch.testing.assert_close(merged(**batch).logits, expected, rtol=1e-5, atol=1e-6)
