@@ -198,8 +198,13 @@ class IGUModel(nn.Module):
     gradient_checkpointing_disable = activation_checkpointing_disable
 
     @property
-    def is_gradient_checkpointing(self) -> bool:
-        return bool(getattr(self.model, "is_gradient_checkpointing", False))
+    def is_activation_checkpointing(self) -> bool:
+        for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+            if hasattr(type(self.model), name):
+                return bool(getattr(self.model, name))
+        return False
+
+    is_gradient_checkpointing = is_activation_checkpointing
 
     def enable_input_require_grads(self) -> None:
         self._hf_method("enable_input_require_grads")()
@@ -251,7 +256,8 @@ class IGUModel(nn.Module):
         """The loss to backpropagate for one (micro-)batch.
 
         On scoring steps the batch is stacked with IG node rows (see :mod:`igulora.ig`) and the
-        loss is the sum of per-group mean losses; otherwise it is the plain mean loss. The
+        loss backpropagates the sum of per-group mean losses while its value is the training
+        group's; otherwise it is the plain mean loss. The
         orthogonality regulariser is added. ``self.last_loss`` holds the training-group loss.
         ``module`` is what ``row_loss_fn`` calls: this model (default) or a wrapper of it (DDP).
         """
@@ -262,6 +268,9 @@ class IGUModel(nn.Module):
             quad = quadrature(c.ig_rule, c.ig_steps, grid=c.stochastic_grid, generator=self._node_generator)
             node_batch = build_node_batch(batch, quad, c.ig_fraction, self._node_generator)
             loss, train_loss = batched_ig_loss(module, row_loss_fn, node_batch)
+            # The value the user sees (logs, the Trainer's loss) is the training loss; the
+            # gradient stays the batched one.
+            loss = loss - (loss - train_loss).detach()
         else:
             loss = train_loss = mean_loss(row_loss_fn)(module, batch)
         self.last_loss = train_loss.detach()

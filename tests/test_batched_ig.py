@@ -95,3 +95,15 @@ def test_training_loss_uses_batched_ig_only_on_scoring_steps():
         igu.update_and_allocate(step)
         igu.zero_grad()
     assert scored == [s % 3 == 0 and s < 8 for s in range(10)]
+
+
+def test_a_scoring_step_loss_has_the_training_loss_value():
+    igu = _igu(tiny_bert)
+    igu.train()
+    batch = token_batch()
+    plain = mean_loss(sequence_classification_row_loss)(igu.model, batch)
+    loss = igu.training_loss(batch)
+    assert igu.is_scoring_step()
+    torch.testing.assert_close(loss, plain, rtol=1e-13, atol=0)
+    loss.backward()
+    assert any(bool(layer.ig_buffers[1].abs().sum() > 0) for layer in igu.adapters.values())

@@ -71,3 +71,57 @@ def test_forgetting_update_and_allocate_fails_loudly():
             optimizer.step()
             optimizer.zero_grad()
     assert igu._updates_seen == 2 + 3 + 2
+
+
+def _lm_trainer_run(tmp_path, checkpointing: bool):
+    from conftest import lm_batch, tiny_llama
+
+    from igulora import IGULoraConfig, causal_lm_row_loss
+
+    config = IGULoraConfig(init_r=4, target_r=2, total_step=STEPS, tinit=2, tfinal=2, ig_every=1)
+    igu = get_igu_model(tiny_llama(seed=3), config)
+    batch = lm_batch(n=32, t=8, seed=5)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=STEPS,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        gradient_checkpointing=checkpointing,
+        bf16=True,
+        use_cpu=True,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        seed=0,
+    )
+    dataset = [{k: v[i] for k, v in batch.items()} for i in range(32)]
+    trainer = IGUTrainer(igu, args=args, train_dataset=dataset, row_loss_fn=causal_lm_row_loss)
+    trainer.train()
+    return igu, trainer
+
+
+def test_llm_trainer_with_bf16_checkpointing_and_accumulation(tmp_path):
+    peft = pytest.importorskip("peft")
+    igu, trainer = _lm_trainer_run(tmp_path / "a", checkpointing=True)
+    assert igu.is_gradient_checkpointing and igu.step == STEPS
+    assert igu.allocator.num_updates == STEPS - 2
+    assert sum(igu.active_ranks.values()) == 2 * len(igu.adapters)  # the final budget
+    reference, _ = _lm_trainer_run(tmp_path / "b", checkpointing=False)
+    assert igu.rank_pattern == reference.rank_pattern
+    for (name, p), q in zip(igu.named_parameters(), reference.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=name)
+    # The logged loss is the training loss (node rows excluded): about ln(vocab) here.
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == STEPS and max(losses) < 1.5 * torch.log(torch.tensor(61.0)).item()
+
+    igu.save_pretrained(tmp_path / "adapter")
+    from conftest import lm_batch, tiny_llama
+
+    loaded = peft.PeftModel.from_pretrained(tiny_llama(seed=3), tmp_path / "adapter").eval()
+    batch = lm_batch()
+    igu.eval()
+    with torch.no_grad():  # igu.model: Accelerate left igu.forward wrapped in bf16 autocast
+        torch.testing.assert_close(loaded(**batch).logits, igu.model(**batch).logits, rtol=1e-5, atol=1e-5)
