@@ -5,25 +5,13 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 import igu_kernels
 from igulora.config import IGULoraConfig
+from igulora.distributed import all_reduce_mean, full_tensor
 from igulora.ig import ADAPTER_PARAMS, adapter_layers
 from igulora.layer import IGULoraLinear
-
-
-def all_reduce_mean(tensors: list[torch.Tensor]) -> None:
-    """Average ``tensors`` in place over the ranks of the default process group (if any), in one
-    flattened all-reduce, so every rank scores the same IG and keeps identical masks."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    for t, chunk in zip(tensors, flat.split([t.numel() for t in tensors])):
-        t.copy_(chunk.view_as(t))
 
 
 class RankAllocator:
@@ -77,7 +65,7 @@ class RankAllocator:
                 params = [getattr(layer, p) for p in ADAPTER_PARAMS]
                 if any(p.grad is None for p in params):
                     return None
-                values = [p.detach() * p.grad for p in params]
+                values = [full_tensor(p.detach() * p.grad) for p in params]
             else:
                 if layer.ig_buffers is None:
                     return None

@@ -187,10 +187,15 @@ def set_row_plan(model: nn.Module, plan: RowPlan | None) -> None:
 
 
 def ensure_ig_buffers(model: nn.Module) -> None:
-    """Give every adapter zeroed IG accumulators (they add up over micro-batches)."""
+    """Give every adapter zeroed IG accumulators (they add up over micro-batches).
+
+    Plain full-shape tensors even for sharded (FSDP2 DTensor) parameters: backward sees the
+    unsharded parameters, and each rank's IG is averaged over ranks before scoring.
+    """
     for layer in adapter_layers(model).values():
         if layer.ig_buffers is None:
-            layer.ig_buffers = tuple(torch.zeros_like(getattr(layer, p)) for p in ADAPTER_PARAMS)
+            params = [getattr(layer, p) for p in ADAPTER_PARAMS]
+            layer.ig_buffers = tuple(torch.zeros(p.shape, dtype=p.dtype, device=p.device) for p in params)
 
 
 def group_mean_losses(row_loss: torch.Tensor, row_count: torch.Tensor, groups: torch.Tensor):
@@ -231,6 +236,13 @@ def node_gradient_of_other_parameters(model: nn.Module, node_loss: torch.Tensor)
     others = [p for p in model.parameters() if p.requires_grad and id(p) not in adapters]
     if not others or not node_loss.requires_grad:
         return 0.0
+    if _is_fully_sharded(model):
+        names = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in adapters]
+        raise NotImplementedError(
+            f"trainable non-adapter parameters {names[:4]} (modules_to_save) under FSDP2: igulora "
+            "cannot keep the IG node rows out of their gradient when they are sharded; train them "
+            "in a separate run or without fully_shard (DDP works)"
+        )
     grads = torch.autograd.grad(node_loss, others, retain_graph=True, allow_unused=True)
     reached = [(p, g) for p, g in zip(others, grads) if g is not None]
     if len(reached) < len(others) and _has_reentrant_checkpoint(node_loss):
@@ -245,6 +257,14 @@ def node_gradient_of_other_parameters(model: nn.Module, node_loss: torch.Tensor)
         return 0.0
     term = sum((p * g).sum() for p, g in reached)
     return term - term.detach()
+
+
+def _is_fully_sharded(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def _has_reentrant_checkpoint(loss: torch.Tensor) -> bool:

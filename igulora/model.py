@@ -14,7 +14,9 @@ from torch import nn
 
 from igulora.allocator import RankAllocator
 from igulora.config import IGULoraConfig
+from igulora.distributed import full_tensor, is_main_process
 from igulora.ig import (
+    ADAPTER_PARAMS,
     Batch,
     RowLossFn,
     adapter_layers,
@@ -334,10 +336,11 @@ class IGUModel(nn.Module):
                     continue
                 ranks[name] = keep.numel()
                 prefix = f"base_model.model.{name}"
-                tensors[f"{prefix}.lora_A.weight"] = (layer.lora_E[keep, None] * layer.lora_A[keep]).float()
-                tensors[f"{prefix}.lora_B.weight"] = (layer.scaling * layer.lora_B[:, keep]).float()
+                A, E, B = (full_tensor(getattr(layer, p)) for p in ADAPTER_PARAMS)
+                tensors[f"{prefix}.lora_A.weight"] = (E[keep, None] * A[keep]).float()
+                tensors[f"{prefix}.lora_B.weight"] = (layer.scaling * B[:, keep]).float()
             for name in self.saved_module_names:
-                for pname, p in self.model.get_submodule(name).state_dict().items():
+                for pname, p in self._saved_module_state(name).items():
                     tensors[f"base_model.model.{name}.{pname}"] = p
         if not ranks:
             raise RuntimeError("IGUModel.peft_export: every adapter is pruned to rank 0; nothing to export")
@@ -366,22 +369,31 @@ class IGUModel(nn.Module):
             return self.config.base_model_name_or_path
         return getattr(getattr(self.model, "config", None), "_name_or_path", None) or None
 
+    def _saved_module_state(self, name: str) -> dict[str, torch.Tensor]:
+        return {k: full_tensor(v) for k, v in self.model.get_submodule(name).state_dict().items()}
+
     def save_pretrained(self, directory: str | Path) -> None:
         """Write the PEFT pair (adapter_config.json + adapter_model.safetensors) and igulora's
-        own full state (unpruned adapters, masks, allocator EMAs). Every file is written atomically."""
+        own full state (unpruned adapters, masks, allocator EMAs). Every file is written atomically.
+
+        Distributed: the main process (rank 0) writes. Under FSDP2 call it on every rank: the
+        sharded adapters are gathered into full tensors first.
+        """
         directory = Path(directory)
         peft_config, peft_tensors = self.peft_export()
         state = {}
         for name, layer in self.adapters.items():
             for key, value in layer.state_dict().items():
                 if not key.startswith("base_layer."):
-                    state[f"adapter.{name}.{key}"] = value
+                    state[f"adapter.{name}.{key}"] = full_tensor(value)
         alloc = self.allocator.state_dict()
         state.update({f"ibar.{k}": v for k, v in alloc["ibar"].items()})
         state.update({f"ubar.{k}": v for k, v in alloc["ubar"].items()})
         for name in self.saved_module_names:
-            for pname, p in self.model.get_submodule(name).state_dict().items():
+            for pname, p in self._saved_module_state(name).items():
                 state[f"saved.{name}.{pname}"] = p
+        if not is_main_process():
+            return
         meta = {
             "format_version": FORMAT_VERSION,
             "config": self.config.to_dict(),

@@ -29,3 +29,35 @@ def test_two_process_run_matches_a_single_process_run(tmp_path, launcher):
         assert result["pattern"] == single["pattern"]
         for name, value in single["weights"].items():
             torch.testing.assert_close(result["weights"][name], value, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_fsdp2_two_process_run_matches_a_single_process_run(tmp_path):
+    pytest.importorskip("torch.distributed.fsdp")
+    import fsdp_worker
+    from safetensors.torch import load_file
+
+    mp.spawn(fsdp_worker.run, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    single = fsdp_worker.train(rank=0, world=1, shard=False, save_dir=str(tmp_path / "single"))
+    kept = sum(map(sum, single["pattern"].values()))
+    assert kept == 2 * len(single["pattern"])
+    for result in ranks:
+        assert result["pattern"] == single["pattern"]
+        assert result["weights"].keys() == single["weights"].keys()
+        for name, value in single["weights"].items():
+            torch.testing.assert_close(result["weights"][name], value, rtol=1e-9, atol=1e-12, msg=name)
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")  # written once, by rank 0
+    expected = load_file(tmp_path / "single" / "adapter_model.safetensors")
+    assert saved.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(saved[name], value, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_fsdp2_with_a_trained_head_is_a_clear_error(tmp_path):
+    pytest.importorskip("torch.distributed.fsdp")
+    import fsdp_worker
+
+    mp.spawn(fsdp_worker.run, args=(2, _free_port(), str(tmp_path), True), nprocs=2, join=True)
+    for rank in range(2):
+        message = (tmp_path / f"rank{rank}.err").read_text()
+        assert "['model.lm_head.weight']" in message and "FSDP2" in message
