@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import torch
 
 from bench.cases import Case, Preset, cpp_runnable, triton_runnable
+from bench.memory import reset_step
 from igulora import (
     IGULoraConfig,
     causal_lm_row_loss,
@@ -62,10 +63,8 @@ def model_cases(p: Preset, device: torch.device) -> list[Case]:
     def batched(backend: str):
         def run():
             with kernel_backend(backend):
-                igu.zero_grad()
                 igu.training_loss(batch, causal_lm_row_loss).backward()
-                for layer in igu.adapters.values():
-                    layer.ig_buffers = None
+                reset_step(igu)
 
         return lambda: run
 

@@ -77,6 +77,26 @@ def memory(preset_name: str, device: torch.device) -> list[dict]:
     return node_memory_rows(igu, batch, causal_lm_row_loss, [1, 2, 4, 8, 16], device)
 
 
+def checkpoint_memory(preset_name: str, device: torch.device) -> list[dict]:
+    """Saved / held activation memory (and GPU peak) of plain and scoring steps, per checkpointing."""
+    from bench.memory import checkpointing_memory_rows
+    from bench.model_cases import small_llama_igu
+    from igulora import causal_lm_row_loss
+
+    igu, batch = small_llama_igu(PRESETS[preset_name], device, ig_every=2)
+    return checkpointing_memory_rows(igu, batch, causal_lm_row_loss, device)
+
+
+def checkpoint_memory_table(rows: list[dict]) -> str:
+    lines = [f"{'checkpointing':<14} {'step':<8} {'saved MB':>9} {'held MB':>8} {'peak MB':>8}"]
+    for r in rows:
+        peak = f"{r['peak_mb']:8.0f}" if "peak_mb" in r else f"{'':>8}"
+        lines.append(
+            f"{r['checkpointing']:<14} {r['step']:<8} {r['saved_mb']:9.2f} {r['held_mb']:8.2f} {peak}"
+        )
+    return "\n".join(lines)
+
+
 def memory_table(rows: list[dict]) -> str:
     lines = [
         f"{'IG nodes':>8} {'rows':>5} {'saved MB':>9} {'same rows, plain MB':>20} {'adapter params MB':>18}"
@@ -125,7 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     preset = ("gpu" if device.type == "cuda" else "cpu") if args.preset == "auto" else args.preset
     records = run(preset, device, args.repeats, set(args.ops or []))
     memory_rows = memory(preset, device) if not args.ops or "ig_memory" in args.ops else []
+    wanted = not args.ops or "checkpoint_memory" in args.ops
+    checkpoint_rows = checkpoint_memory(preset, device) if wanted else []
     report = table(records) + ("\n\n" + memory_table(memory_rows) if memory_rows else "")
+    report += "\n\n" + checkpoint_memory_table(checkpoint_rows) if checkpoint_rows else ""
     print(report)
     if args.json:
         meta = {
@@ -137,7 +160,13 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(),
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        data = {"meta": meta, "records": records, "memory": memory_rows, "table": report}
+        data = {
+            "meta": meta,
+            "records": records,
+            "memory": memory_rows,
+            "checkpoint_memory": checkpoint_rows,
+            "table": report,
+        }
         args.json.write_text(json.dumps(data, indent=2) + "\n")
     return 0
 

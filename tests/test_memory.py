@@ -11,7 +11,7 @@ from conftest import tiny_llama, token_batch
 from igulora import IGULoraConfig, causal_lm_row_loss, get_igu_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.memory import node_memory_rows  # noqa: E402
+from bench.memory import checkpointing_memory_rows, node_memory_rows  # noqa: E402
 
 
 def test_memory_grows_with_rows_not_with_nodes_times_parameters():
@@ -28,3 +28,18 @@ def test_memory_grows_with_rows_not_with_nodes_times_parameters():
     assert rows[-1]["saved_mb"] > rows[0]["saved_mb"]  # activations do grow with the rows
     per_row = [(b["saved_mb"] - a["saved_mb"]) / (b["rows"] - a["rows"]) for a, b in zip(rows, rows[1:])]
     assert max(per_row) < 1.2 * min(per_row)  # linear in rows
+
+
+def test_checkpointing_cuts_the_activation_memory_of_a_scoring_step():
+    igu = get_igu_model(tiny_llama(), IGULoraConfig(init_r=4, target_r=2, total_step=10, ig_every=2))
+    batch = token_batch(n=8, t=24)
+    del batch["labels"]
+    rows = checkpointing_memory_rows(igu, batch, causal_lm_row_loss, torch.device("cpu"))
+    saved = {(r["checkpointing"], r["step"]): r["saved_mb"] for r in rows}
+    held = {(r["checkpointing"], r["step"]): r["held_mb"] for r in rows}
+    for mode in ("reentrant", "non-reentrant"):
+        assert saved[mode, "scoring"] < 0.5 * saved["none", "scoring"]
+        assert held[mode, "scoring"] < 0.5 * held["none", "scoring"]
+    for mode in ("none", "reentrant", "non-reentrant"):
+        assert saved[mode, "scoring"] > saved[mode, "plain"]  # the node rows are activations too
+    assert not igu.is_gradient_checkpointing
