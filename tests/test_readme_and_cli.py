@@ -73,3 +73,54 @@ def test_cli_bench_runs_the_harness(tmp_path, capsys):
     assert main(["bench", "--preset", "tiny", "--repeats", "1", "--ops", "copy", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["records"][0]["op"] == "copy"
     assert "copy" in capsys.readouterr().out
+
+
+@pytest.fixture
+def llama_dir(tmp_path):
+    from conftest import tiny_llama
+
+    tiny_llama().save_pretrained(tmp_path / "llama")
+    return tmp_path / "llama"
+
+
+def _adapter_ranks(directory: Path) -> int:
+    return sum(json.loads((directory / "adapter_config.json").read_text())["rank_pattern"].values())
+
+
+def test_readme_llm_recipe_runs(tmp_path, monkeypatch, llama_dir):
+    pytest.importorskip("bitsandbytes")
+    from conftest import lm_batch
+
+    monkeypatch.chdir(tmp_path)
+    batch = lm_batch(n=64, t=12)
+    namespace: dict = {
+        "model_dir": str(llama_dir),
+        "train_set": [{k: v[i] for k, v in batch.items()} for i in range(64)],
+    }
+    exec(compile(_block_after("llm-recipe"), "README llm-recipe", "exec"), namespace)
+    igu = namespace["igu"]
+    assert igu.step == 40 and igu.is_gradient_checkpointing
+    assert type(igu.adapters["model.layers.0.mlp.up_proj"].base_layer).__name__ == "Linear4bit"
+    assert sum(igu.active_ranks.values()) == 4 * len(igu.adapters) == _adapter_ranks(tmp_path / "llm-adapter")
+
+
+def test_readme_fsdp_recipe_runs_under_torchrun(tmp_path, llama_dir):
+    import socket
+    import subprocess
+    import sys
+
+    import torch
+
+    script = tmp_path / "fsdp_llm.py"
+    script.write_text(_block_after("fsdp-recipe"))
+    torch.save(torch.randint(0, 61, (16, 10)), tmp_path / "tokens.pt")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_addr", "127.0.0.1", "--master_port", str(port),
+               str(script), str(llama_dir), str(tmp_path / "tokens.pt")]  # fmt: skip
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    n_adapters = 2 * 7  # 2 layers x (q, k, v, o, gate, up, down)
+    assert _adapter_ranks(tmp_path / "fsdp-adapter") == 4 * n_adapters
