@@ -287,20 +287,27 @@ class IGUModel(nn.Module):
         return bool(torch.isfinite(loss).all()) and all(bool(torch.isfinite(g).all()) for g in grads)
 
     def update_and_allocate(
-        self, step: int, grad_scaler: torch.amp.GradScaler | None = None
+        self,
+        step: int,
+        grad_scaler: torch.amp.GradScaler | None = None,
+        *,
+        loss_scale: float = 1.0,
+        step_skipped: bool = False,
     ) -> dict[str, list[bool]] | None:
         """Call after ``optimizer.step()`` with the 0-based optimizer step.
 
         With fp16 and a ``torch.amp.GradScaler``, pass it and call this after
         ``scaler.step(optimizer)`` and before ``scaler.update()``: the IG buffers carry the loss
         scale as ``.grad`` does and are unscaled by it, and a step the scaler skips (inf/NaN)
-        skips the score update too.
+        skips the score update too. ``loss_scale`` / ``step_skipped`` say the same for loops that
+        read them elsewhere (``IGUTrainer`` does).
         """
-        loss_scale, skipped = scaler_state(grad_scaler)
+        if grad_scaler is not None:
+            loss_scale, step_skipped = scaler_state(grad_scaler)
         set_row_plan(self.model, None)
         self._allocation_calls += 1
         self.step = step + 1
-        return self.allocator.update_and_allocate(step, loss_scale, skipped)
+        return self.allocator.update_and_allocate(step, loss_scale, step_skipped)
 
     @torch.no_grad()
     def merge_and_unload(self) -> nn.Module:
@@ -475,13 +482,13 @@ def _check_modules(model: nn.Module, modules: dict[str, list[int]], path: Path) 
             )
 
 
-def scaler_state(grad_scaler: torch.amp.GradScaler | None) -> tuple[float, bool]:
+def scaler_state(grad_scaler: torch.amp.GradScaler) -> tuple[float, bool]:
     """(loss scale of this step's backward, whether ``scaler.step`` skipped the optimizer step).
 
     Read between ``scaler.step(optimizer)`` and ``scaler.update()``: ``update()`` changes the
     scale and forgets what ``step()`` found.
     """
-    if grad_scaler is None or not grad_scaler.is_enabled():
+    if not grad_scaler.is_enabled():
         return 1.0, False
     found = [
         found_inf

@@ -109,3 +109,40 @@ def test_grad_scaler_read_after_update_is_an_error():
     scaler.update()
     with pytest.raises(RuntimeError, match=r"before scaler.update\(\)"):
         igu.update_and_allocate(0, grad_scaler=scaler)
+
+
+def test_trainer_fp16_path_unscales_ig_and_skips_what_accelerate_skipped(tmp_path):
+    from types import SimpleNamespace
+
+    import transformers
+
+    from igulora.trainer import IGUTrainer
+
+    batch = token_batch()
+    reference = _igu(tiny_bert, ig_every=1)
+    reference.train()
+    reference.training_loss(batch).backward()
+    reference.update_and_allocate(0)
+
+    igu = _igu(tiny_bert, ig_every=1)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    trainer = IGUTrainer(igu, args=args)
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)  # as fp16 on a GPU
+    igu.train()
+    (2.0**10 * trainer.compute_loss(igu, batch)).backward()  # what accelerator.backward does
+    assert trainer.igu_callback.loss_scale == 2.0**10
+    state = SimpleNamespace(global_step=0)
+    trainer.igu_callback.on_optimizer_step(
+        args, state, None, optimizer=SimpleNamespace(step_was_skipped=False)
+    )
+    for name, value in reference.allocator.ibar.items():
+        torch.testing.assert_close(igu.allocator.ibar[name], value, rtol=1e-6, atol=0)
+
+    before = {k: v.clone() for k, v in igu.allocator.ibar.items()}
+    (2.0**10 * trainer.compute_loss(igu, batch)).backward()
+    state.global_step = 1
+    trainer.igu_callback.on_optimizer_step(
+        args, state, None, optimizer=SimpleNamespace(step_was_skipped=True)
+    )
+    assert igu.allocator.skipped_updates == 1
+    assert all(torch.equal(igu.allocator.ibar[k], v) for k, v in before.items())
