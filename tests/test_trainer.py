@@ -23,22 +23,29 @@ def _dataset(n=64):
     return [{k: v[i] for k, v in batch.items()} for i in range(n)]
 
 
+def _args(tmp_path, batch_size, accumulation, **kw):
+    """A short constant-lr CPU run of STEPS optimizer steps, nothing saved."""
+    return transformers.TrainingArguments(
+        **{
+            "output_dir": str(tmp_path),
+            "max_steps": STEPS,
+            "per_device_train_batch_size": batch_size,
+            "gradient_accumulation_steps": accumulation,
+            "learning_rate": 1e-2,
+            "lr_scheduler_type": "constant",
+            "report_to": [],
+            "save_strategy": "no",
+            "logging_strategy": "no",
+            "use_cpu": True,
+            "seed": 0,
+            **kw,
+        }
+    )
+
+
 def _train(tmp_path, batch_size, accumulation, **kw):
     igu = get_igu_model(tiny_bert(torch.float64, seed=2), _config(**kw))
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=STEPS,
-        per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=accumulation,
-        learning_rate=1e-2,
-        lr_scheduler_type="constant",
-        report_to=[],
-        save_strategy="no",
-        logging_strategy="no",
-        use_cpu=True,
-        seed=0,
-    )
-    trainer = IGUTrainer(igu, args=args, train_dataset=_dataset())
+    trainer = IGUTrainer(igu, args=_args(tmp_path, batch_size, accumulation), train_dataset=_dataset())
     trainer.train()
     return igu
 
@@ -81,20 +88,14 @@ def _lm_trainer_run(tmp_path, checkpointing: bool):
     config = IGULoraConfig(init_r=4, target_r=2, total_step=STEPS, tinit=2, tfinal=2, ig_every=1)
     igu = get_igu_model(tiny_llama(seed=3), config)
     batch = lm_batch(n=32, t=8, seed=5)
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=STEPS,
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=2,
+    args = _args(
+        tmp_path,
+        2,
+        2,
         gradient_checkpointing=checkpointing,
         bf16=True,
-        use_cpu=True,
-        learning_rate=1e-2,
-        lr_scheduler_type="constant",
-        report_to=[],
-        save_strategy="no",
+        logging_strategy="steps",
         logging_steps=1,
-        seed=0,
     )
     dataset = [{k: v[i] for k, v in batch.items()} for i in range(32)]
     trainer = IGUTrainer(igu, args=args, train_dataset=dataset, row_loss_fn=causal_lm_row_loss)
