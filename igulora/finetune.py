@@ -237,7 +237,6 @@ def save_checkpoint(output_dir: Path, step: int, igu: IGUModel, optimizer, sched
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "rng": _rng_state(),
-            "node_generator": igu._node_generator.get_state(),
         }
         torch.save(state, tmp / STATE_FILE)
         if final.exists():
@@ -284,7 +283,6 @@ def run_finetune(args: FinetuneArgs) -> dict[str, float]:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
-        igu._node_generator.set_state(state["node_generator"])
         start = state["step"]
     (output_dir / "args.json").write_text(json.dumps(asdict(args), indent=2) + "\n")
     metrics = _metrics_logger(output_dir, keep_below=start)

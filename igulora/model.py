@@ -381,7 +381,8 @@ class IGUModel(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write the PEFT pair (adapter_config.json + adapter_model.safetensors) and igulora's
-        own full state (unpruned adapters, masks, allocator EMAs). Every file is written atomically.
+        own full state (unpruned adapters, masks, allocator EMAs, step, the IG node generator).
+        Every file is written atomically.
 
         Distributed: the main process (rank 0) writes. Under FSDP2 call it on every rank: the
         sharded adapters are gathered into full tensors first.
@@ -399,6 +400,7 @@ class IGUModel(nn.Module):
         for name in self.saved_module_names:
             for pname, p in self._saved_module_state(name).items():
                 state[f"saved.{name}.{pname}"] = p
+        state["node_generator"] = self._node_generator.get_state()  # the IG rows and nodes to come
         if not is_main_process():
             return
         meta = {
@@ -418,13 +420,7 @@ class IGUModel(nn.Module):
     @classmethod
     def from_pretrained(cls, model: nn.Module, directory: str | Path) -> IGUModel:
         """Inject adapters into ``model`` and restore weights, masks and allocator state."""
-        directory = Path(directory)
-        path = directory / IGU_CONFIG
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: not an igulora save directory")
-        meta = json.loads(path.read_text())
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{path}: unsupported format_version {meta.get('format_version')!r}")
+        meta, path = _read_meta(directory)
         config = IGULoraConfig.from_dict(meta["config"])
         _check_modules(model, meta["modules"], path)
         targets = find_targets(model, config)
@@ -433,22 +429,61 @@ class IGUModel(nn.Module):
                 f"{path}: the config selects {sorted(targets)} in this model but the save holds "
                 f"{sorted(meta['modules'])}"
             )
-        state = _read_state(directory / IGU_STATE, meta["modules"])
+        state = _read_state(Path(directory) / IGU_STATE, meta["modules"])
         igu = cls(model, config)  # every check is done: only now is the model changed
-        with torch.no_grad():
-            for name, layer in igu.adapters.items():
-                for key, target in layer.state_dict().items():
-                    if not key.startswith("base_layer."):
-                        target.copy_(state[f"adapter.{name}.{key}"])
-            for name in igu.saved_module_names:
-                module = igu.model.get_submodule(name)
-                module.load_state_dict({k: state[f"saved.{name}.{k}"] for k in module.state_dict()})
+        igu._restore(meta, state)
+        return igu
+
+    def load_state(self, directory: str | Path) -> None:
+        """Restore adapters, masks, allocator EMAs, step and node generator from a save of this
+        same model and config (a Trainer checkpoint, say). Every check comes before any change:
+        another model, other modules or another config raise an error naming the difference."""
+        meta, path = _read_meta(directory)
+        saved = IGULoraConfig.from_dict(meta["config"]).to_dict()
+        ours = self.config.to_dict()
+        differ = {k: (saved[k], ours[k]) for k in ours if saved[k] != ours[k]}
+        if differ:
+            details = ", ".join(f"{k}: saved {a!r}, this model {b!r}" for k, (a, b) in differ.items())
+            raise ValueError(f"{path}: saved with another IGULoraConfig ({details})")
+        modules = {n: [layer.in_features, layer.out_features, layer.r] for n, layer in self.adapters.items()}
+        saved_modules = meta["modules"]
+        if saved_modules != modules:
+            missing = sorted(set(modules) - set(saved_modules))
+            extra = sorted(set(saved_modules) - set(modules))
+            shapes = sorted(n for n in set(modules) & set(saved_modules) if modules[n] != saved_modules[n])
+            raise ValueError(
+                f"{path}: saved for other modules (not in the save: {missing[:4]}, not in this model: "
+                f"{extra[:4]}, other in/out/r: {shapes[:4]}); another base model?"
+            )
+        self._restore(meta, _read_state(Path(directory) / IGU_STATE, meta["modules"]))
+
+    @torch.no_grad()
+    def _restore(self, meta: dict, state: dict[str, torch.Tensor]) -> None:
+        for name, layer in self.adapters.items():
+            for key, target in layer.state_dict().items():
+                if not key.startswith("base_layer."):
+                    target.copy_(state[f"adapter.{name}.{key}"])
+        for name in self.saved_module_names:
+            module = self.model.get_submodule(name)
+            module.load_state_dict({k: state[f"saved.{name}.{k}"] for k in module.state_dict()})
         alloc = dict(meta["allocator"])
         alloc["ibar"] = {k[5:]: v for k, v in state.items() if k.startswith("ibar.")}
         alloc["ubar"] = {k[5:]: v for k, v in state.items() if k.startswith("ubar.")}
-        igu.allocator.load_state_dict(alloc)
-        igu.step = int(meta["step"])
-        return igu
+        self.allocator.load_state_dict(alloc)
+        self.step = int(meta["step"])
+        self._allocation_calls = self.step
+        if "node_generator" in state:
+            self._node_generator.set_state(state["node_generator"])
+
+
+def _read_meta(directory: str | Path) -> tuple[dict, Path]:
+    path = Path(directory) / IGU_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: not an igulora save directory")
+    meta = json.loads(path.read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: unsupported format_version {meta.get('format_version')!r}")
+    return meta, path
 
 
 def _read_state(path: Path, modules: dict[str, list[int]]) -> dict[str, torch.Tensor]:

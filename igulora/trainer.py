@@ -1,8 +1,13 @@
-"""Hugging Face Trainer integration: the batched IG loss and one allocation per optimizer step."""
+"""Hugging Face Trainer integration: the batched IG loss, one allocation per optimizer step, and
+adapter-only checkpoints that resume exactly."""
 
 from __future__ import annotations
 
+import os
+
+import torch
 from transformers import Trainer, TrainerCallback
+from transformers.utils import find_labels
 
 from igulora.ig import RowLossFn, sequence_classification_row_loss
 from igulora.model import IGUModel
@@ -33,6 +38,10 @@ class IGUTrainer(Trainer):
     Training losses come from :meth:`IGUModel.training_loss` (batched IG rows on scoring steps
     plus the orthogonality regulariser) with ``row_loss_fn``; evaluation uses the model's own
     loss. Under DDP the IG accumulators are all-reduced before scoring.
+
+    Checkpoints and ``save_model()`` hold what :meth:`IGUModel.save_pretrained` writes (the PEFT
+    adapter and igulora's state: masks, EMAs, step, node generator), never the frozen base;
+    ``train(resume_from_checkpoint=...)`` and ``load_best_model_at_end`` restore it in place.
     """
 
     def __init__(
@@ -41,6 +50,8 @@ class IGUTrainer(Trainer):
         if not isinstance(model, IGUModel):
             raise TypeError(f"IGUTrainer needs an IGUModel (from get_igu_model), got {type(model).__name__}")
         super().__init__(model, *args, **kwargs)
+        if self.args.label_names is None:  # the Trainer reads them off IGUModel's (*args) forward
+            self.label_names = find_labels(type(model.model))  # so evaluation computes the loss
         self.igu = model
         self.row_loss_fn = row_loss_fn
         # training_loss returns a per-micro-batch mean: let the Trainer divide by accumulation steps.
@@ -55,3 +66,18 @@ class IGUTrainer(Trainer):
         if scaler is not None and scaler.is_enabled():
             self.igu_callback.loss_scale = scaler.get_scale()  # the scale this backward carries
         return self.igu.training_loss(inputs, self.row_loss_fn, module=model)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        self.igu.save_pretrained(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))  # as Trainer does
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        self.igu.load_state(resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        self.igu.load_state(self.state.best_model_checkpoint)

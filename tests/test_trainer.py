@@ -126,3 +126,127 @@ def test_llm_trainer_with_bf16_checkpointing_and_accumulation(tmp_path):
     igu.eval()
     with torch.no_grad():  # igu.model: Accelerate left igu.forward wrapped in bf16 autocast
         torch.testing.assert_close(loaded(**batch).logits, igu.model(**batch).logits, rtol=1e-5, atol=1e-5)
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+
+ADAPTER_FILES = {
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "igulora_config.json",
+    "igulora_state.safetensors",
+}
+
+
+def _worker(out, *flags):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent / "trainer_worker.py"
+    return subprocess.run([sys.executable, str(script), str(out), *flags], capture_output=True, text=True)
+
+
+def test_sigkilled_trainer_resumes_exactly_from_an_adapter_only_checkpoint(tmp_path):
+    from safetensors.torch import load_file
+
+    full = _worker(tmp_path / "full")
+    assert full.returncode == 0, full.stderr[-2000:]
+    killed = _worker(tmp_path / "run", "--kill-after-save", "6")
+    assert killed.returncode == -9 and not (tmp_path / "run" / "checkpoint-12").exists()
+    checkpoint = {p.name for p in (tmp_path / "run" / "checkpoint-6").iterdir()}
+    assert (
+        ADAPTER_FILES | {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"} <= checkpoint
+    )
+    assert not {"model.safetensors", "pytorch_model.bin"} & checkpoint  # no frozen base weights
+
+    resumed = _worker(tmp_path / "run", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    for name in ("igulora_state.safetensors", "adapter_model.safetensors"):
+        expected = load_file(tmp_path / "full" / "final" / name)
+        got = load_file(tmp_path / "run" / "final" / name)
+        assert got.keys() == expected.keys()
+        assert all(torch.equal(got[k], expected[k]) for k in expected), name  # bitwise, masks included
+
+
+def test_save_model_writes_what_save_pretrained_writes(tmp_path):
+    from trainer_worker import trainer
+
+    run = trainer(str(tmp_path / "out"), max_steps=2, save_strategy="no")
+    run.train()
+    run.save_model(str(tmp_path / "saved"))
+    run.igu.save_pretrained(tmp_path / "pretrained")
+    saved = {p.name for p in (tmp_path / "saved").iterdir()}
+    assert ADAPTER_FILES <= saved and "model.safetensors" not in saved
+    for name in ADAPTER_FILES:
+        assert (tmp_path / "saved" / name).read_bytes() == (tmp_path / "pretrained" / name).read_bytes()
+
+
+def test_load_best_model_at_end_restores_the_best_adapter_and_its_masks(tmp_path):
+    from conftest import tiny_llama
+    from trainer_worker import trainer
+
+    from igulora import IGUModel
+
+    run = trainer(
+        str(tmp_path),
+        eval_strategy="steps",
+        eval_steps=3,
+        save_steps=3,
+        save_total_limit=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        greater_is_better=True,  # the highest loss: an early checkpoint, not the last
+    )
+    run.train()
+    best = run.state.best_model_checkpoint
+    assert best is not None and not best.endswith("checkpoint-12")
+    assert len(list(tmp_path.glob("checkpoint-*"))) <= 2
+    expected = IGUModel.from_pretrained(tiny_llama(seed=3), best)
+    assert run.igu.rank_pattern == expected.rank_pattern
+    assert sum(run.igu.active_ranks.values()) > 2 * len(run.igu.adapters)  # not the final budget
+    for (name, p), q in zip(run.igu.named_parameters(), expected.parameters()):
+        assert torch.equal(p, q), name
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(config=dict(target_r=1)), r"another IGULoraConfig \(target_r: saved 2, this model 1\)"),
+        (dict(config=dict(target_modules=["q_proj", "v_proj"])), "target_modules: saved 'all-linear'"),
+        (dict(model_seed=None), "other in/out/r"),
+    ],
+    ids=["config", "targets", "model"],
+)
+def test_resuming_from_a_mismatched_checkpoint_fails_before_any_change(tmp_path, change, message):
+    from trainer_worker import trainer
+
+    source = trainer(str(tmp_path / "source"), max_steps=2, save_steps=2)
+    source.train()
+    run = trainer(str(tmp_path / "other"), max_steps=2, config=change.get("config"))
+    if "model_seed" in change:  # a wider model: same module names, other shapes
+        from conftest import tiny_llama
+
+        from igulora import IGULoraConfig, get_igu_model
+
+        wide = tiny_llama(seed=3)
+        wide.model.layers[0].mlp.up_proj = torch.nn.Linear(24, 40, bias=False)
+        run.igu = get_igu_model(wide, IGULoraConfig(**{**run.igu.config.to_dict()}))
+    before = {n: p.detach().clone() for n, p in run.igu.named_parameters() if p.requires_grad}
+    with pytest.raises(ValueError, match=message):
+        run.train(resume_from_checkpoint=str(tmp_path / "source" / "checkpoint-2"))
+    assert all(torch.equal(p, before[n]) for n, p in run.igu.named_parameters() if p.requires_grad)
+
+
+def test_a_checkpoint_of_another_format_version_is_refused(tmp_path):
+    import json
+
+    from trainer_worker import trainer
+
+    run = trainer(str(tmp_path), max_steps=2, save_steps=2)
+    run.train()
+    meta_path = tmp_path / "checkpoint-2" / "igulora_config.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "format_version": 99}))
+    with pytest.raises(ValueError, match="unsupported format_version 99"):
+        run.igu.load_state(tmp_path / "checkpoint-2")
