@@ -4,8 +4,8 @@
 build fails or another process's build does not finish in time, it warns once, says why, and
 igulora runs on the eager reference.
 
-The build directory is keyed by everything that changes the build (torch's install path and
-version, Python's headers, the compiler, the flags, the CPU), so two environments never share
+The build directory is keyed by everything that changes the build (the source's path, torch's
+install path and version, Python's headers, the compiler, the flags, the CPU), so two environments never share
 one and never rebuild each other's. Processes of one environment take an exclusive ``flock`` on
 the directory before building or loading: the kernel drops it when its holder dies, so a killed
 build never blocks (its leftover ``torch.utils.cpp_extension`` lock is removed, with a warning),
@@ -33,7 +33,16 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "igulora_ops.cpp"
+
+def _source() -> Path:
+    """The copy inside the package (a wheel install: setup.py puts it there), else csrc/ of the
+    checkout (an editable install)."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "csrc" / "igulora_ops.cpp"
+    return packaged if packaged.is_file() else here.parent / "csrc" / "igulora_ops.cpp"
+
+
+SOURCE = _source()
 NAME = "igulora_cpu_ops"
 CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]  # no FMA: eager-exact
 LDFLAGS = ["-fopenmp"]
@@ -63,6 +72,7 @@ def _compiler() -> str:
 def build_key() -> str:
     """A hash of everything that changes the build."""
     parts = [
+        str(SOURCE),  # a checkout and an installed copy must not rebuild each other's
         torch.__version__,
         str(Path(torch.__file__).resolve().parent),
         sysconfig.get_paths()["include"],

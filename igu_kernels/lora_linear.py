@@ -242,6 +242,21 @@ def _grad_b_kernel(
 # Launcher
 
 
+# The launch space igu_kernels.audit compiles: what the launcher below can pick on a GPU. The
+# activations (u, gy) arrive in the model's dtype; every other pointer is fp32.
+ACTIVATION_DTYPES = ("fp32", "fp16", "bf16")
+ACTIVATION_PTRS = ("u_ptr", "gy_ptr")
+FLOAT_ARGS = ("scaling",)
+GPU_CONSTEXPRS = {
+    "BLOCK_M": (64,),
+    "BLOCK_K": (64,),
+    "BLOCK_N": (64,),
+    "R_PAD": (16, 32, 64),  # active ranks up to 64 rounded up to a power of two >= 16
+    "HAS_IG": (False, True),
+}
+GPU_LAUNCH = {"num_warps": 4, "num_stages": 3}  # Triton's defaults: the launcher sets neither
+
+
 def _blocks() -> tuple[int, int]:
     """(BLOCK_M, BLOCK_FEATURE): large tiles on a GPU, smaller ones for the slow interpreter."""
     return (32, 32) if interpreting() else (64, 64)

@@ -13,6 +13,17 @@ import triton.language as tl
 
 BLOCK = 1024
 
+# The launch space igu_kernels.audit compiles (every pointer is fp32, as checked below).
+ACTIVATION_DTYPES = ("fp32",)
+ACTIVATION_PTRS = ()
+FLOAT_ARGS = ("beta1", "beta2", "one_minus_beta1", "one_minus_beta2", "eps")
+GPU_CONSTEXPRS = {
+    "SNR": (False, True),
+    "_score_update_kernel.BLOCK": (BLOCK,),
+    "_triplet_kernel.BLOCK": (256,),
+}
+GPU_LAUNCH = {"num_warps": 4, "num_stages": 3}
+
 
 @triton.jit
 def _score_update_kernel(
