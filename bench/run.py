@@ -23,6 +23,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import roofline  # noqa: E402
 from bench.cases import PRESETS, all_cases  # noqa: E402
 from bench.timing import interleaved_median_ms  # noqa: E402
 
@@ -58,9 +59,11 @@ def run(preset_name: str, device: torch.device, repeats: int, ops: set[str] | No
                 "device": device_name(device),
                 "median_ms": ms,
                 "gbps": case.bytes_moved / (ms * 1e-3) / 1e9 if ms and case.bytes_moved else None,
+                "bytes_moved": case.bytes_moved,
             }
             if backend in errors:
                 record["error"] = errors[backend]
+            roofline.annotate(record)
             records.append(record)
             print(f"  {case.op:<15} {backend:<17} {ms or errors.get(backend)}", file=sys.stderr)
     return records
@@ -116,7 +119,8 @@ def table(records: list[dict]) -> str:
         if r["median_ms"]:
             by_op.setdefault(r["op"], {})[r["backend"]] = r["median_ms"]
     eager_of = {op: times.get("eager", times.get("eager_sequential")) for op, times in by_op.items()}
-    lines = [f"{'op':<15} {'backend':<17} {'median ms':>10} {'GB/s':>7} {'x eager':>8} {'/ base':>7}"]
+    header = f"{'op':<15} {'backend':<17} {'median ms':>10} {'GB/s':>7} {'x eager':>8} {'/ base':>7}"
+    lines = [header + f" {'SOL us H200':>11} {'SOL us A100':>11} {'roofline':>8}"]
     for r in records:
         ms = r["median_ms"]
         if ms is None:
@@ -127,7 +131,12 @@ def table(records: list[dict]) -> str:
         base = by_op[r["op"]].get("base_gemm")
         over_base = f"{ms / base:7.2f}" if base else f"{'':>7}"
         gbps = f"{r['gbps']:7.1f}" if r["gbps"] else f"{'':>7}"
-        lines.append(f"{r['op']:<15} {r['backend']:<17} {ms:10.3f} {gbps} {speedup} {over_base}")
+        sol = r.get("sol_us", {})
+        model = "".join(f" {sol[d]:11.1f}" if d in sol else f" {'':>11}" for d in ("H200", "A100"))
+        fraction = f" {r['roofline_fraction']:8.2f}" if "roofline_fraction" in r else ""
+        lines.append(
+            f"{r['op']:<15} {r['backend']:<17} {ms:10.3f} {gbps} {speedup} {over_base}{model}{fraction}"
+        )
     return "\n".join(lines)
 
 

@@ -28,3 +28,43 @@ def test_run_writes_records_and_a_ratio_table(tmp_path, capsys):
     copy = next(r for r in records if r["op"] == "copy")
     assert copy["gbps"] > 0
     assert "x eager" in capsys.readouterr().out and data["meta"]["command"].startswith("python bench/run.py")
+
+
+@pytest.mark.parametrize("op", ["plain_lora", "lora_linear_ig"])
+def test_the_roofline_flops_are_the_flops_of_the_eager_step(op):
+    """The work model against torch's own FLOP counter on the eager forward + backward."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bench.roofline import low_rank_work
+    from igu_kernels import reference
+
+    M, K, N, r = 12, 20, 28, 3
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(M, K, generator=g, requires_grad=True)
+    W = torch.randn(N, K, generator=g)
+    A, E, B = (torch.randn(*s, generator=g).requires_grad_() for s in ((r, K), (r,), (N, r)))
+    with FlopCounterMode(display=False) as counter:
+        if op == "plain_lora":
+            delta = reference.lora_delta(x, A, E, B, None, 2.0)
+        else:
+            ones = torch.ones(M)
+            buffers = tuple(torch.zeros_like(t) for t in (A, E, B))
+            delta = reference.batched_ig_lora_delta(x, A, E, B, None, 2.0, ones, ones, ones, buffers)
+        (torch.nn.functional.linear(x, W) + delta).sum().backward()
+    shape = {"tokens": M, "in": K, "out": N, "r": r}
+    assert low_rank_work(op, "eager", shape, torch.float32).flops == counter.get_total_flops()
+
+
+def test_the_roofline_fraction_is_reported_on_a_modelled_device():
+    from bench.roofline import annotate
+
+    n = 10**8
+    record = {"op": "copy", "backend": "torch", "shape": {"n": n}, "dtype": "float32", "bytes_moved": 8 * n}
+    on_cpu = {**record, "device": "x86_64 CPU, 2 threads", "median_ms": 1.0}
+    annotate(on_cpu)
+    assert set(on_cpu["sol_us"]) == {"H200", "A100"} and "roofline_fraction" not in on_cpu
+    on_gpu = {**record, "device": "NVIDIA H200", "median_ms": 0.25}
+    annotate(on_gpu)
+    assert on_gpu["sol_us"]["H200"] == pytest.approx(8 * n / 4.3e12 * 1e6)
+    assert on_gpu["roofline_fraction"] == pytest.approx(on_gpu["sol_us"]["H200"] / 250)
