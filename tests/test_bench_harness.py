@@ -68,3 +68,28 @@ def test_the_roofline_fraction_is_reported_on_a_modelled_device():
     annotate(on_gpu)
     assert on_gpu["sol_us"]["H200"] == pytest.approx(8 * n / 4.3e12 * 1e6)
     assert on_gpu["roofline_fraction"] == pytest.approx(on_gpu["sol_us"]["H200"] / 250)
+
+
+def test_gpu_check_dry_run_exercises_every_step_on_a_cpu(tmp_path):
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OUT": str(tmp_path)}
+    done = subprocess.run(
+        ["bash", "bench/gpu_check.sh", "--dry-run"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    for name, step in (("gpu_tests.txt", "gpu tests"), ("audit.txt", "audit"), ("bench_gpu.txt", "bench")):
+        assert f"{step} exit 0" in (tmp_path / name).read_text(), (tmp_path / name).read_text()[-2000:]
+    assert "backends" in (tmp_path / "environment.txt").read_text()
+    assert json.loads((tmp_path / "bench_gpu.json").read_text())["records"][0]["op"] == "copy"
+    bad = subprocess.run(
+        ["bash", "bench/gpu_check.sh", "--fast"], cwd=root, env=env, capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "usage" in bad.stderr
