@@ -42,11 +42,12 @@ class Preset:
     model_layers: int
     seq_len: int
     minilm: bool = False  # time a pretrained MiniLM training step (CPU: cpp vs eager)
+    extra_ranks: tuple[int, ...] = ()  # more ranks for the low-rank linear cases
 
 
 PRESETS = {
     "cpu": Preset(2048, 1024, 16, torch.float32, 30_000_000, 256, 2, 64, minilm=True),
-    "gpu": Preset(8192, 4096, 64, torch.bfloat16, 30_000_000, 1024, 4, 256),
+    "gpu": Preset(8192, 4096, 64, torch.bfloat16, 30_000_000, 1024, 4, 256, extra_ranks=(8, 16)),
     "tiny": Preset(64, 65, 4, torch.float32, 4097, 32, 1, 8),  # smoke runs of the harness itself
 }
 
@@ -80,8 +81,15 @@ def _backward_runner(forward: Callable[[], torch.Tensor], grad: torch.Tensor, le
 
 
 def lora_linear_cases(p: Preset, device: torch.device) -> list[Case]:
-    """Eager plain LoRA and the batched-IG low-rank linear, each timed next to the frozen base
+    """Per rank: plain LoRA and the batched-IG low-rank linear, each timed next to the frozen base
     GEMM alone (backend ``base_gemm``), so that ``/ base`` compares runs of one round."""
+    return [case for rank in (p.rank, *p.extra_ranks) for case in _lora_linear_cases(p, rank, device)]
+
+
+def _lora_linear_cases(p: Preset, rank: int, device: torch.device) -> list[Case]:
+    """Backends of plain LoRA: what a user would otherwise pick (PEFT-style eager LoRA with
+    factors in the activation dtype, ``torch.compile`` of igulora's eager op, the eager op itself)
+    and igulora's Triton kernel; of the batched-IG op: eager and Triton."""
     g = torch.Generator(device="cpu").manual_seed(0)
 
     def rand(*shape, dtype=torch.float32, scale=1.0):
@@ -90,16 +98,17 @@ def lora_linear_cases(p: Preset, device: torch.device) -> list[Case]:
     rows, seq = 4, p.tokens // 4
     x = rand(rows, seq, p.features, dtype=p.dtype).requires_grad_()
     weight = rand(p.features, p.features, dtype=p.dtype, scale=p.features**-0.5)
-    A = rand(p.rank, p.features, scale=0.02).requires_grad_()
-    E = rand(p.rank).requires_grad_()
-    B = rand(p.features, p.rank, scale=0.02).requires_grad_()
-    mask = torch.ones(p.rank, dtype=torch.bool, device=device)
+    A = rand(rank, p.features, scale=0.02).requires_grad_()
+    E = rand(rank).requires_grad_()
+    B = rand(p.features, rank, scale=0.02).requires_grad_()
+    A16, B16 = (t.detach().to(p.dtype).requires_grad_() for t in (A, B))  # PEFT: the model's dtype
+    mask = torch.ones(rank, dtype=torch.bool, device=device)
     row_scale = torch.tensor([1.0, 1.0, 0.125, 0.5], device=device)
     train_coef = torch.tensor([1.0, 1.0, 0.0, 0.0], device=device)
     ig_coef = torch.tensor([0.25, 0.25, 0.5, 0.5], device=device)
     buffers = tuple(torch.zeros_like(t) for t in (A, E, B))
     grad = rand(rows, seq, p.features, dtype=p.dtype)
-    shape = {"tokens": p.tokens, "in": p.features, "out": p.features, "r": p.rank}
+    shape = {"tokens": p.tokens, "in": p.features, "out": p.features, "r": rank}
 
     def base():
         return torch.nn.functional.linear(x, weight)
@@ -115,21 +124,25 @@ def lora_linear_cases(p: Preset, device: torch.device) -> list[Case]:
     def plain_lora(fn):
         return lambda: fn(x, A, E, B, mask, 2.0)
 
+    def peft_lora():
+        return torch.nn.functional.linear(torch.nn.functional.linear(x, A16), B16) * 2.0
+
     def runner(forward, leaves=(x, A, E, B)):
         return lambda: _backward_runner(forward, grad, leaves)
 
     base_only = runner(base, (x,))
     lora = {"base_gemm": base_only, "eager": runner(with_base(batched(reference)))}
+    plain = {
+        "base_gemm": base_only,
+        "peft_eager": runner(with_base(peft_lora), (x, A16, B16)),
+        "eager": runner(with_base(plain_lora(reference.lora_delta))),
+        "compile": runner(with_base(plain_lora(_compile(reference.lora_delta)))),
+    }
     if triton_runnable(device):
         from igu_kernels import lora_linear
 
         lora["triton"] = runner(with_base(batched(lora_linear)))
-    compiled_lora = _compile(reference.lora_delta)
-    plain = {
-        "base_gemm": base_only,
-        "eager": runner(with_base(plain_lora(reference.lora_delta))),
-        "compile": runner(with_base(plain_lora(compiled_lora))),
-    }
+        plain["triton"] = runner(with_base(plain_lora(lora_linear.lora_delta)))
     return [Case("plain_lora", shape, p.dtype, plain), Case("lora_linear_ig", shape, p.dtype, lora)]
 
 

@@ -113,29 +113,40 @@ def memory_table(rows: list[dict]) -> str:
 
 
 def table(records: list[dict]) -> str:
-    """One row per (op, backend): median, GB/s, speed-up over eager and over the base GEMM."""
-    by_op: dict[str, dict[str, float]] = {}
+    """One row per (case, backend): median, GB/s, speed-ups over eager and over PEFT-style eager
+    LoRA, time over the base GEMM, and the roofline model (and fraction, on a modelled GPU)."""
+
+    def case_of(r: dict) -> tuple:
+        return r["op"], json.dumps(r["shape"], sort_keys=True)
+
+    times: dict[tuple, dict[str, float]] = {}
     for r in records:
         if r["median_ms"]:
-            by_op.setdefault(r["op"], {})[r["backend"]] = r["median_ms"]
-    eager_of = {op: times.get("eager", times.get("eager_sequential")) for op, times in by_op.items()}
-    header = f"{'op':<15} {'backend':<17} {'median ms':>10} {'GB/s':>7} {'x eager':>8} {'/ base':>7}"
-    lines = [header + f" {'SOL us H200':>11} {'SOL us A100':>11} {'roofline':>8}"]
+            times.setdefault(case_of(r), {})[r["backend"]] = r["median_ms"]
+    header = f"{'op':<15} {'r':>3} {'backend':<17} {'median ms':>10} {'GB/s':>7} {'x eager':>8} {'x peft':>7}"
+    lines = [header + f" {'/ base':>7} {'SOL us H200':>11} {'SOL us A100':>11} {'roofline':>8}"]
     for r in records:
-        ms = r["median_ms"]
+        ms, rank = r["median_ms"], r["shape"].get("r", "")
         if ms is None:
-            lines.append(f"{r['op']:<15} {r['backend']:<17} {'failed':>10}  {r['error']}")
+            lines.append(f"{r['op']:<15} {rank:>3} {r['backend']:<17} {'failed':>10}  {r['error']}")
             continue
-        eager = eager_of.get(r["op"])
+        case = times[case_of(r)]
+        eager, peft, base = (
+            case.get("eager", case.get("eager_sequential")),
+            case.get("peft_eager"),
+            case.get("base_gemm"),
+        )
         speedup = f"{eager / ms:8.2f}" if eager else f"{'':>8}"
-        base = by_op[r["op"]].get("base_gemm")
+        over_peft = f"{peft / ms:7.2f}" if peft else f"{'':>7}"
         over_base = f"{ms / base:7.2f}" if base else f"{'':>7}"
         gbps = f"{r['gbps']:7.1f}" if r["gbps"] else f"{'':>7}"
         sol = r.get("sol_us", {})
         model = "".join(f" {sol[d]:11.1f}" if d in sol else f" {'':>11}" for d in ("H200", "A100"))
         fraction = f" {r['roofline_fraction']:8.2f}" if "roofline_fraction" in r else ""
         lines.append(
-            f"{r['op']:<15} {r['backend']:<17} {ms:10.3f} {gbps} {speedup} {over_base}{model}{fraction}"
+            f"{r['op']:<15} {rank:>3} {r['backend']:<17} {ms:10.3f} {gbps} {speedup} {over_peft} {over_base}"
+            + model
+            + fraction
         )
     return "\n".join(lines)
 

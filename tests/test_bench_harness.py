@@ -15,19 +15,21 @@ from bench import run  # noqa: E402
 
 def test_run_writes_records_and_a_ratio_table(tmp_path, capsys):
     out = tmp_path / "records.json"
-    ops = ["lora_linear_ig", "copy", "score_update", "ig_nodes", "ig_memory"]
+    ops = ["plain_lora", "lora_linear_ig", "copy", "score_update", "ig_nodes", "ig_memory"]
     assert run.main(["--preset", "tiny", "--repeats", "1", "--json", str(out), "--ops", *ops]) == 0
     data = json.loads(out.read_text())
     records = data["records"]
     assert {r["op"] for r in records} == set(ops) - {"ig_memory"}
     assert [m["nodes"] for m in data["memory"]] == [1, 2, 4, 8, 16]
     assert {"base_gemm", "eager", "triton"} <= {r["backend"] for r in records if r["op"] == "lora_linear_ig"}
+    plain = {r["backend"] for r in records if r["op"] == "plain_lora"}
+    assert {"base_gemm", "peft_eager", "eager", "compile", "triton"} == plain
     for r in records:
         assert set(r) >= {"op", "backend", "shape", "dtype", "median_ms", "gbps", "device"}
         assert r["median_ms"] is not None or r["backend"] == "compile", r
     copy = next(r for r in records if r["op"] == "copy")
     assert copy["gbps"] > 0
-    assert "x eager" in capsys.readouterr().out and data["meta"]["command"].startswith("python bench/run.py")
+    assert "x peft" in capsys.readouterr().out and data["meta"]["command"].startswith("python bench/run.py")
 
 
 @pytest.mark.parametrize("op", ["plain_lora", "lora_linear_ig"])
