@@ -1,15 +1,12 @@
-"""get_igu_model: adapter injection, the IGUModel wrapper, saving and loading."""
+"""get_igu_model: adapter injection and the IGUModel wrapper (training, allocation, saving)."""
 
 from __future__ import annotations
 
 import functools
 import inspect
-import json
-import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from igulora.allocator import RankAllocator
@@ -27,67 +24,19 @@ from igulora.ig import (
     set_row_plan,
 )
 from igulora.io import write_json, write_safetensors
-from igulora.layer import IGULoraLinear, is_adaptable, linear_features, quantization
+from igulora.layer import IGULoraLinear, quantization
 from igulora.quadrature import quadrature
-
-PEFT_CONFIG = "adapter_config.json"
-PEFT_WEIGHTS = "adapter_model.safetensors"
-IGU_CONFIG = "igulora_config.json"
-IGU_STATE = "igulora_state.safetensors"
-HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs")
-FORMAT_VERSION = 1
-
-
-def name_matches(name: str, spec: list[str] | str) -> bool:
-    """PEFT's rule: a string is a regex that must match the full name; a list holds exact names
-    or ``.name`` suffixes."""
-    if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
-    return any(name == t or name.endswith("." + t) for t in spec)
-
-
-def output_head_names(model: nn.Module) -> set[str]:
-    """The modules "all-linear" leaves out: the output embedding and task heads."""
-    heads = {n for n, _ in model.named_modules() if n.split(".")[-1] in HEAD_NAMES}
-    get_out = getattr(model, "get_output_embeddings", None)
-    out = get_out() if callable(get_out) else None
-    heads |= {n for n, m in model.named_modules() if out is not None and m is out}
-    return heads
-
-
-def find_targets(model: nn.Module, config: IGULoraConfig) -> list[str]:
-    """Names of the Linear / Conv1D modules ``config`` selects; raises when there are none."""
-    candidates = [n for n, m in model.named_modules() if is_adaptable(m) and n]
-    if config.target_modules == "all-linear":
-        heads = output_head_names(model)
-        targets = [n for n in candidates if n not in heads]
-    else:
-        targets = [n for n in candidates if name_matches(n, config.target_modules)]
-    if config.exclude_modules is not None:
-        targets = [n for n in targets if not name_matches(n, config.exclude_modules)]
-    if not targets:
-        suffixes = sorted({n.split(".")[-1] for n in candidates})
-        raise ValueError(
-            f"target_modules={config.target_modules!r} (exclude_modules={config.exclude_modules!r}) "
-            f"matched no Linear/Conv1D module of {type(model).__name__}. Candidate names: "
-            f"{suffixes}; full names look like {candidates[:5]}"
-        )
-    return targets
-
-
-def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
-def _modules_to_save(model: nn.Module, config: IGULoraConfig) -> dict[str, nn.Module]:
-    found: dict[str, nn.Module] = {}
-    for spec in config.modules_to_save or []:
-        matched = {n: m for n, m in model.named_modules() if n and name_matches(n, [spec])}
-        if not matched:
-            raise ValueError(f"modules_to_save entry {spec!r} matches no module of {type(model).__name__}")
-        found.update(matched)
-    return found
+from igulora.save_format import (
+    FORMAT_VERSION,
+    IGU_CONFIG,
+    IGU_STATE,
+    PEFT_CONFIG,
+    PEFT_WEIGHTS,
+    check_modules,
+    read_meta,
+    read_state,
+)
+from igulora.targets import find_targets, modules_to_save, name_matches, replace_module
 
 
 class IGUModel(nn.Module):
@@ -105,10 +54,10 @@ class IGUModel(nn.Module):
     def __init__(self, model: nn.Module, config: IGULoraConfig) -> None:
         super().__init__()
         targets = find_targets(model, config)
-        saved_modules = _modules_to_save(model, config)
+        saved_modules = modules_to_save(model, config)
         model.requires_grad_(False)
         for name in targets:
-            _replace_module(
+            replace_module(
                 model,
                 name,
                 IGULoraLinear(
@@ -323,7 +272,7 @@ class IGUModel(nn.Module):
                 )
         for name, layer in self.adapters.items():
             layer.merge()
-            _replace_module(self.model, name, layer.base_layer)
+            replace_module(self.model, name, layer.base_layer)
         return self.model
 
     # -- saving -----------------------------------------------------------------------------
@@ -420,16 +369,16 @@ class IGUModel(nn.Module):
     @classmethod
     def from_pretrained(cls, model: nn.Module, directory: str | Path) -> IGUModel:
         """Inject adapters into ``model`` and restore weights, masks and allocator state."""
-        meta, path = _read_meta(directory)
+        meta, path = read_meta(directory)
         config = IGULoraConfig.from_dict(meta["config"])
-        _check_modules(model, meta["modules"], path)
+        check_modules(model, meta["modules"], path)
         targets = find_targets(model, config)
         if sorted(targets) != sorted(meta["modules"]):
             raise ValueError(
                 f"{path}: the config selects {sorted(targets)} in this model but the save holds "
                 f"{sorted(meta['modules'])}"
             )
-        state = _read_state(Path(directory) / IGU_STATE, meta["modules"])
+        state = read_state(Path(directory) / IGU_STATE, meta["modules"])
         igu = cls(model, config)  # every check is done: only now is the model changed
         igu._restore(meta, state)
         return igu
@@ -438,7 +387,7 @@ class IGUModel(nn.Module):
         """Restore adapters, masks, allocator EMAs, step and node generator from a save of this
         same model and config (a Trainer checkpoint, say). Every check comes before any change:
         another model, other modules or another config raise an error naming the difference."""
-        meta, path = _read_meta(directory)
+        meta, path = read_meta(directory)
         saved = IGULoraConfig.from_dict(meta["config"]).to_dict()
         ours = self.config.to_dict()
         differ = {k: (saved[k], ours[k]) for k in ours if saved[k] != ours[k]}
@@ -455,7 +404,7 @@ class IGUModel(nn.Module):
                 f"{path}: saved for other modules (not in the save: {missing[:4]}, not in this model: "
                 f"{extra[:4]}, other in/out/r: {shapes[:4]}); another base model?"
             )
-        self._restore(meta, _read_state(Path(directory) / IGU_STATE, meta["modules"]))
+        self._restore(meta, read_state(Path(directory) / IGU_STATE, meta["modules"]))
 
     @torch.no_grad()
     def _restore(self, meta: dict, state: dict[str, torch.Tensor]) -> None:
@@ -474,47 +423,6 @@ class IGUModel(nn.Module):
         self._allocation_calls = self.step
         if "node_generator" in state:
             self._node_generator.set_state(state["node_generator"])
-
-
-def _read_meta(directory: str | Path) -> tuple[dict, Path]:
-    path = Path(directory) / IGU_CONFIG
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: not an igulora save directory")
-    meta = json.loads(path.read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: unsupported format_version {meta.get('format_version')!r}")
-    return meta, path
-
-
-def _read_state(path: Path, modules: dict[str, list[int]]) -> dict[str, torch.Tensor]:
-    """Load igulora's state file, with an error naming the file if it is missing or corrupt."""
-    try:
-        state = load_file(str(path))
-    except Exception as error:  # safetensors raises its own error types for truncated or bad headers
-        raise ValueError(f"{path}: cannot read the adapter state ({type(error).__name__}: {error})") from None
-    for name, (in_features, out_features, r) in modules.items():
-        expected = {"lora_A": (r, in_features), "lora_E": (r,), "lora_B": (out_features, r)}
-        for param, shape in expected.items():
-            value = state.get(f"adapter.{name}.{param}")
-            if value is None or tuple(value.shape) != shape:
-                found = None if value is None else tuple(value.shape)
-                raise ValueError(f"{path}: {name}.{param} should have shape {shape}, found {found}")
-    return state
-
-
-def _check_modules(model: nn.Module, modules: dict[str, list[int]], path: Path) -> None:
-    """Every saved adapter must find an adaptable module of the same shape in ``model``."""
-    present = dict(model.named_modules())
-    for name, (in_features, out_features, _) in modules.items():
-        module = present.get(name)
-        if module is None or not is_adaptable(module):
-            raise ValueError(f"{path}: module {name!r} is not a Linear/Conv1D of {type(model).__name__}")
-        features = linear_features(module)
-        if features != (in_features, out_features):
-            raise ValueError(
-                f"{path}: module {name!r} is {features[0]} -> {features[1]} in this model but "
-                f"{in_features} -> {out_features} in the save (another base model?)"
-            )
 
 
 def scaler_state(grad_scaler: torch.amp.GradScaler) -> tuple[float, bool]:
