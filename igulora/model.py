@@ -112,7 +112,7 @@ class IGUModel(nn.Module):
             )
 
     def train(self, mode: bool = True) -> IGUModel:
-        if not mode and hasattr(self, "allocator"):
+        if not mode:
             set_row_plan(self.model, None)  # an evaluation forward is never a scoring step's
         return super().train(mode)
 
@@ -166,6 +166,11 @@ class IGUModel(nn.Module):
     @property
     def adapters(self) -> dict[str, IGULoraLinear]:
         return self.allocator.layers
+
+    @property
+    def module_shapes(self) -> dict[str, list[int]]:
+        """``[in_features, out_features, init_r]`` of every adapter, as a save records them."""
+        return {n: [layer.in_features, layer.out_features, layer.r] for n, layer in self.adapters.items()}
 
     @property
     def rank_pattern(self) -> dict[str, list[bool]]:
@@ -357,9 +362,7 @@ class IGUModel(nn.Module):
             "config": self.config.to_dict(),
             "step": self.step,
             "allocator": {k: alloc[k] for k in ("num_updates", "skipped_updates", "budget")},
-            "modules": {
-                n: [layer.in_features, layer.out_features, layer.r] for n, layer in self.adapters.items()
-            },
+            "modules": self.module_shapes,
         }
         write_safetensors(directory / IGU_STATE, state)
         write_json(directory / IGU_CONFIG, meta)
@@ -394,7 +397,7 @@ class IGUModel(nn.Module):
         if differ:
             details = ", ".join(f"{k}: saved {a!r}, this model {b!r}" for k, (a, b) in differ.items())
             raise ValueError(f"{path}: saved with another IGULoraConfig ({details})")
-        modules = {n: [layer.in_features, layer.out_features, layer.r] for n, layer in self.adapters.items()}
+        modules = self.module_shapes
         saved_modules = meta["modules"]
         if saved_modules != modules:
             missing = sorted(set(modules) - set(saved_modules))

@@ -81,26 +81,22 @@ def test_forgetting_update_and_allocate_fails_loudly():
 
 
 def _lm_trainer_run(tmp_path, checkpointing: bool):
-    from conftest import lm_batch, tiny_llama
+    from trainer_worker import trainer
 
-    from igulora import IGULoraConfig, causal_lm_row_loss
-
-    config = IGULoraConfig(init_r=4, target_r=2, total_step=STEPS, tinit=2, tfinal=2, ig_every=1)
-    igu = get_igu_model(tiny_llama(seed=3), config)
-    batch = lm_batch(n=32, t=8, seed=5)
-    args = _args(
-        tmp_path,
-        2,
-        2,
+    run = trainer(
+        str(tmp_path),
+        config=dict(total_step=STEPS),
+        max_steps=STEPS,
         gradient_checkpointing=checkpointing,
         bf16=True,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        save_strategy="no",
         logging_strategy="steps",
         logging_steps=1,
     )
-    dataset = [{k: v[i] for k, v in batch.items()} for i in range(32)]
-    trainer = IGUTrainer(igu, args=args, train_dataset=dataset, row_loss_fn=causal_lm_row_loss)
-    trainer.train()
-    return igu, trainer
+    run.train()
+    return run.igu, run
 
 
 def test_llm_trainer_with_bf16_checkpointing_and_accumulation(tmp_path):
