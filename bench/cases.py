@@ -89,7 +89,9 @@ def lora_linear_cases(p: Preset, device: torch.device) -> list[Case]:
 def _lora_linear_cases(p: Preset, rank: int, device: torch.device) -> list[Case]:
     """Backends of plain LoRA: what a user would otherwise pick (PEFT-style eager LoRA with
     factors in the activation dtype, ``torch.compile`` of igulora's eager op, the eager op itself)
-    and igulora's Triton kernel; of the batched-IG op: eager and Triton."""
+    and igulora's Triton kernels, which compute the base GEMM in the op and add the adapter's
+    output and input gradient into the base's in their epilogues; of the batched-IG op: eager and
+    Triton."""
     g = torch.Generator(device="cpu").manual_seed(0)
 
     def rand(*shape, dtype=torch.float32, scale=1.0):
@@ -141,8 +143,11 @@ def _lora_linear_cases(p: Preset, rank: int, device: torch.device) -> list[Case]
     if triton_runnable(device):
         from igu_kernels import lora_linear
 
-        lora["triton"] = runner(with_base(batched(lora_linear)))
-        plain["triton"] = runner(with_base(plain_lora(lora_linear.lora_delta)))
+        def fused(**plan):  # the base GEMM inside the op: the adds fused into y and dx
+            return lambda: lora_linear.adapted_linear(x, None, A, E, B, mask, 2.0, weight=weight, **plan)
+
+        lora["triton"] = runner(fused(plan=(row_scale, train_coef, ig_coef), ig_buffers=buffers))
+        plain["triton"] = runner(fused())
     return [Case("plain_lora", shape, p.dtype, plain), Case("lora_linear_ig", shape, p.dtype, lora)]
 
 

@@ -40,4 +40,14 @@ echo "audit exit $?" >> "$OUT/audit.txt"
 if [ $DRY = 1 ]; then PRESET="--preset tiny --repeats 1 --ops copy"; else PRESET="--preset gpu"; fi
 timeout 240 python bench/run.py $PRESET --json "$OUT/bench_gpu.json" > "$OUT/bench_gpu.txt" 2>&1
 echo "bench exit $?" >> "$OUT/bench_gpu.txt"
-tail -n 20 "$OUT/gpu_tests.txt" "$OUT/audit.txt" "$OUT/bench_gpu.txt"
+
+# The device's own register and spill counts of every kernel the benchmarks ran, and the
+# configurations the autotuner chose (from bench_gpu.json).
+python - "$OUT/bench_gpu.json" > "$OUT/launched.txt" 2>&1 <<'PY'
+import json, sys
+launched = json.load(open(sys.argv[1])).get("launched_kernels", [])
+for r in launched:
+    print(r)
+print(len(launched), "records; max spills:", max((r.get("spills", 0) for r in launched), default=0))
+PY
+tail -n 20 "$OUT/gpu_tests.txt" "$OUT/audit.txt" "$OUT/bench_gpu.txt" "$OUT/launched.txt"

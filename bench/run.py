@@ -26,6 +26,7 @@ if __package__ in (None, ""):
 from bench import roofline  # noqa: E402
 from bench.cases import PRESETS, all_cases  # noqa: E402
 from bench.timing import interleaved_median_ms  # noqa: E402
+from igu_kernels.audit import launched  # noqa: E402
 
 
 def device_name(device: torch.device) -> str:
@@ -186,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             "memory": memory_rows,
             "checkpoint_memory": checkpoint_rows,
             "table": report,
+            "launched_kernels": launched() if device.type == "cuda" else [],
         }
         args.json.write_text(json.dumps(data, indent=2) + "\n")
     return 0

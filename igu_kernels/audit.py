@@ -2,9 +2,10 @@
 
     python -m igu_kernels.audit --arch sm_90a --arch sm_80 --json PATH
 
-For each ``@triton.jit`` kernel, each dtype it accepts and each launch configuration its
-launcher can pick on a GPU (the module's ``ACTIVATION_DTYPES``, ``GPU_CONSTEXPRS``,
-``GPU_LAUNCH``), ``triton.compile(ASTSource(...), target=GPUTarget(...))`` gives the cubin, and
+For each ``@triton.jit`` kernel (a jitted function named ``*_kernel``; the others are device
+helpers), each dtype it accepts and each launch configuration its launcher or autotuner can pick
+on a GPU (the module's ``ACTIVATION_DTYPES``, ``GPU_CONSTEXPRS``, and ``TUNED`` configurations
+or else ``GPU_LAUNCH``), ``triton.compile(ASTSource(...), target=GPUTarget(...))`` gives the cubin, and
 the triton wheel's ``cuobjdump`` reads registers, shared memory and the SASS. One record per
 compile: ``{kernel, arch, dtype, signature, constexprs, num_warps, num_stages, regs,
 shared_bytes, spill_ops, tensor_core_ops}``; ``signature`` and ``constexprs`` are exactly what
@@ -31,7 +32,7 @@ MODULES = ("lora_linear", "score")
 
 
 def kernels(module: ModuleType) -> dict:
-    """Every @triton.jit function defined in ``module``, by name."""
+    """Every @triton.jit kernel defined in ``module``, by name."""
     import triton
 
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -39,18 +40,27 @@ def kernels(module: ModuleType) -> dict:
     return {
         name: fn
         for name, fn in vars(module).items()
-        if isinstance(fn, triton.runtime.JITFunction) and fn.fn.__module__ == module.__name__
+        if isinstance(fn, triton.runtime.JITFunction)
+        and fn.fn.__module__ == module.__name__
+        and name.endswith("_kernel")
     }
 
 
-def launch_space(module: ModuleType, fn) -> list[tuple[str, dict, dict]]:
-    """(dtype, signature, constexprs) for every compile of ``fn`` the launcher can ask for."""
+def _options(module: ModuleType, fn, name: str, dtype: str) -> tuple:
+    """The values of constexpr ``name``: "kernel.NAME" for one kernel, "NAME" for all, either a
+    tuple or a dict of tuples by dtype."""
+    values = module.GPU_CONSTEXPRS.get(f"{fn.fn.__name__}.{name}", module.GPU_CONSTEXPRS.get(name))
+    return values[dtype] if isinstance(values, dict) else values
+
+
+def launch_space(module: ModuleType, fn) -> list[tuple[str, dict, dict, dict]]:
+    """(dtype, signature, constexprs, launch options) for every compile of ``fn`` the launcher
+    or the autotuner can ask for."""
     names = fn.arg_names
     constexpr_names = [names[i] for i in fn.constexprs]
+    tuned = getattr(module, "TUNED", {}).get(fn.fn.__name__)
     takes_activations = any(n in module.ACTIVATION_PTRS for n in names)
     dtypes = module.ACTIVATION_DTYPES if takes_activations else module.ACTIVATION_DTYPES[:1]
-    space_of = module.GPU_CONSTEXPRS  # "kernel.NAME" for one kernel, "NAME" for all
-    options = [space_of.get(f"{fn.fn.__name__}.{n}", space_of.get(n)) for n in constexpr_names]
     space = []
     for dtype in dtypes:
         signature = {}
@@ -61,8 +71,17 @@ def launch_space(module: ModuleType, fn) -> list[tuple[str, dict, dict]]:
                 signature[name] = f"*{dtype if name in module.ACTIVATION_PTRS else 'fp32'}"
             else:
                 signature[name] = "fp32" if name in module.FLOAT_ARGS else "i32"
-        for values in itertools.product(*options):
-            space.append((dtype, signature, dict(zip(constexpr_names, values))))
+        configs = tuned.configs_for(dtype) if tuned else [None]
+        free = [n for n in constexpr_names if not (configs[0] and n in configs[0].kwargs)]
+        for values in itertools.product(*(_options(module, fn, n, dtype) for n in free)):
+            for config in configs:
+                constexprs = dict(zip(free, values)) | (config.kwargs if config else {})
+                launch = (
+                    {"num_warps": config.num_warps, "num_stages": config.num_stages}
+                    if config
+                    else dict(module.GPU_LAUNCH)
+                )
+                space.append((dtype, signature, constexprs, launch))
     return space
 
 
@@ -72,12 +91,14 @@ def _cuobjdump() -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
 
 
-def compile_record(module: ModuleType, name: str, fn, arch: str, dtype, signature, constexprs) -> dict:
+def compile_record(
+    module: ModuleType, name: str, fn, arch: str, dtype, signature, constexprs, launch
+) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    options = dict(module.GPU_LAUNCH)
+    options = dict(launch)
     compiled = triton.compile(
         ASTSource(fn, signature, constexprs=constexprs),
         target=GPUTarget("cuda", ARCHS[arch], 32),
@@ -121,9 +142,9 @@ def _jobs(archs: list[str]) -> list[tuple]:
 def _compile_job(job: tuple) -> dict:
     import importlib
 
-    module_name, name, arch, dtype, signature, constexprs = job
+    module_name, name, arch, *launch = job
     module = importlib.import_module(f"igu_kernels.{module_name}")
-    return compile_record(module, name, getattr(module, name), arch, dtype, signature, constexprs)
+    return compile_record(module, name, getattr(module, name), arch, *launch)
 
 
 def audit(archs: list[str], workers: int | None = None) -> list[dict]:
@@ -133,6 +154,33 @@ def audit(archs: list[str], workers: int | None = None) -> list[dict]:
     jobs = _jobs(archs)
     with ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
         return list(pool.map(_compile_job, jobs))
+
+
+def launched() -> list[dict]:
+    """What this process compiled and ran on its GPU: per kernel binary, the driver's register
+    and spill counts (the device's word next to the cubin audit), and per autotuned kernel the
+    configuration the autotuner chose for each key. Empty on a CPU."""
+    import importlib
+
+    out = []
+    for module_name in MODULES:
+        module = importlib.import_module(f"igu_kernels.{module_name}")
+        for name, fn in kernels(module).items():
+            for device, cache in getattr(fn, "device_caches", {}).items():
+                for binary in cache[0].values():  # (kernel cache, ...) in every triton since 3.0
+                    binary._init_handles()
+                    meta = binary.metadata
+                    out.append({
+                        "kernel": f"{module_name}.{name}", "device": str(device),
+                        "num_warps": meta.num_warps, "num_stages": meta.num_stages,
+                        "regs": binary.n_regs, "spills": binary.n_spills, "shared_bytes": meta.shared,
+                    })  # fmt: skip
+        for name, tuned in getattr(module, "TUNED", {}).items():
+            for key, config in tuned.chosen().items():
+                out.append(
+                    {"kernel": f"{module_name}.{name}", "tuning_key": repr(key), "chosen": repr(config)}
+                )
+    return out
 
 
 def table(records: list[dict]) -> str:

@@ -9,7 +9,8 @@
 - ``eager``: the PyTorch reference in ``igu_kernels.reference``.
 
 An op a backend does not implement (the C++ backend has no low-rank linear) runs on the
-reference, and so does fp64 on Triton (the kernels compute in fp32).
+reference, and so do fp64 on Triton (the kernels compute in fp32) and adapters of more than
+``lora_linear.MAX_RANK`` ranks (no larger tile is compiled and audited).
 """
 
 from __future__ import annotations
@@ -127,15 +128,60 @@ def check_lora_inputs(x, A, E, B, mask, row_vectors=()) -> None:
         raise ValueError("igu_kernels low-rank linear: " + "; ".join(problems))
 
 
+def _lora(op: str, u: torch.Tensor, A: torch.Tensor) -> ModuleType:
+    impl = _implementation(op, "lora_linear", u)
+    return reference if impl is not reference and A.shape[0] > impl.MAX_RANK else impl
+
+
+def fuses_base(u: torch.Tensor, A: torch.Tensor) -> bool:
+    """Whether ``lora_linear`` runs on the Triton kernels for these tensors: then handing it the
+    base weight instead of the base output saves a pass over the input gradient."""
+    return _lora("lora_linear", u, A) is not reference
+
+
+def adapted_linear(
+    u, base, A, E, B, mask, scaling, *, scale=1.0, plan=None, ig_buffers=None, weight=None, bias=None
+):
+    """The adapted layer: ``base + s * ((u A^T) * (E m) * c) B^T`` in the base's dtype.
+
+    ``base`` is the base layer's output (..., out); or None with ``weight`` (and ``bias``) of a
+    plain linear base given, and the op computes ``u W^T + b`` itself (the Triton kernels then add
+    the adapter's input gradient into the base's in place). ``plan`` = (row_scale, train_coef,
+    ig_coef) per row of ``u`` (dim 0) for a batched IG step, with ``ig_buffers``; None for one
+    node of scale ``scale`` (c = alpha^3; 1 for training).
+    """
+    rows = () if plan is None else tuple(zip(("row_scale", "train_coef", "ig_coef"), plan))
+    check_lora_inputs(u, A, E, B, mask, rows)
+    expected = (*u.shape[:-1], B.shape[0])
+    if base is None and weight is None:
+        raise ValueError("igu_kernels.lora_linear: give the base output (base=) or the base weight (weight=)")
+    if base is not None and tuple(base.shape) != expected:
+        raise ValueError(f"igu_kernels.lora_linear: base has shape {tuple(base.shape)}, expected {expected}")
+    return _lora("lora_linear", u, A).adapted_linear(
+        u,
+        base,
+        A,
+        E,
+        B,
+        mask,
+        scaling,
+        scale=scale,
+        plan=plan,
+        ig_buffers=ig_buffers,
+        weight=weight,
+        bias=bias,
+    )
+
+
 def lora_delta(x, A, E, B, mask, scaling, scale=1.0):
     check_lora_inputs(x, A, E, B, mask)
-    return _implementation("lora_delta", "lora_linear", x).lora_delta(x, A, E, B, mask, scaling, scale)
+    return _lora("lora_delta", x, A).lora_delta(x, A, E, B, mask, scaling, scale)
 
 
 def batched_ig_lora_delta(u, A, E, B, mask, scaling, row_scale, train_coef, ig_coef, ig_buffers):
     rows = (("row_scale", row_scale), ("train_coef", train_coef), ("ig_coef", ig_coef))
     check_lora_inputs(u, A, E, B, mask, rows)
-    impl = _implementation("batched_ig_lora_delta", "lora_linear", u)
+    impl = _lora("batched_ig_lora_delta", u, A)
     return impl.batched_ig_lora_delta(u, A, E, B, mask, scaling, row_scale, train_coef, ig_coef, ig_buffers)
 
 

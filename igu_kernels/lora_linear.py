@@ -1,27 +1,40 @@
 """Fused masked low-rank linear with per-node IG accumulation: Triton kernels, launcher, Function.
 
-The low-rank branch of IGULoraLinear on a batched IG plan (method.md, section 4):
+The low-rank branch of IGULoraLinear on a batched IG plan (method.md, section 4), added into the
+base layer's output:
 
-    forward   y = s * ((u A^T) * (E m) * c_row) B^T                  c_row = alpha_row^3
-    backward  du exact per row; for A, E, B two reductions over rows in one pass:
+    forward   y = base + s * ((u A^T) * (E m) * c_row) B^T               c_row = alpha_row^3
+    backward  du exact per row (added into the base's dx when this op computes the base);
+              for A, E, B two reductions over rows in one pass:
               training coefficients -> returned gradients (.grad),
               IG coefficients (w / alpha) -> theta * grad added to the IG buffers.
 
-Masked ranks cost no work: the launcher gathers the active ranks into dense, zero-padded
+Masked ranks cost no work: the launcher gathers the active ranks into dense, zero-padded fp32
 operands ``Ac`` (R_PAD x K), ``Ec`` (R_PAD), ``Bc`` (N x R_PAD), with R_PAD the active rank
 rounded up to a power of two >= 16 (``tl.dot``'s minimum), and scatters the results back.
 Rows are the flattened tokens (M = batch x tokens); row vectors are per sequence, and token m
-reads entry ``m // per_row``. Every product accumulates in fp32 with fp32 operands ("ieee").
+reads entry ``m // per_row``.
+
+Precision, as eager 16-bit LoRA: every product takes its operands in the activation dtype (the
+fp32 factors are cast on load; fp16/bf16 run on tensor cores) and accumulates in fp32; fp32
+activations use tf32 where torch allows it (``torch.backends.cuda.matmul.allow_tf32``), IEEE
+otherwise. The small row factors ``h`` and ``g`` (M x R_PAD) stay fp32 between kernels. The
+row reductions of dA and dB are split into row chunks so the grid fills the device; the chunks'
+fp32 partial sums are added in a fixed order (deterministic).
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from igu_kernels.amp import autocast_off
 from igu_kernels.dispatch import interpreting
+from igu_kernels.tuning import Tuned
 
 Tensor = torch.Tensor
 
@@ -29,12 +42,38 @@ Tensor = torch.Tensor
 # ---------------------------------------------------------------------------------------------
 # Kernels
 
+# Products whose inner dimension is the rank take it in slices of R_STEP: tl.dot's smallest K,
+# the tensor cores' K for 16-bit operands, and what keeps an fp32 IEEE (FFMA) product's operand
+# fragments in registers at R_PAD = 64.
+R_STEP: tl.constexpr = tl.constexpr(16)
+
+
+@triton.jit
+def _mma(a, b, acc, PRECISION: tl.constexpr):
+    """acc + a @ b in fp32 with a, b in the operand dtype. PRECISION: "ieee" or "tf32" (fp32
+    operands; 16-bit ones take the tensor cores either way), or "emulate" in the interpreter:
+    the same operand roundings, then an exact fp32 product (its 16-bit dot is not to be trusted)."""
+    if PRECISION == "emulate":
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    return acc
+
 
 @triton.jit
 def _down_kernel(
-    u_ptr, a_ptr, h_ptr, M, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr
+    u_ptr,
+    a_ptr,
+    h_ptr,
+    M,
+    K,
+    R_PAD: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
-    """h = u @ Ac^T.   grid: (cdiv(M, BLOCK_M),)   block: h[BLOCK_M, R_PAD], loop over K."""
+    """h = u @ Ac^T (fp32).   grid: (cdiv(M, BLOCK_M),)   block: h[BLOCK_M, R_PAD], loop over K."""
+    dt = u_ptr.dtype.element_ty
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rj = tl.arange(0, R_PAD)
     acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
@@ -44,7 +83,7 @@ def _down_kernel(
             u_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0
         )
         a = tl.load(a_ptr + rj[None, :] * K + rk[:, None], mask=rk[:, None] < K, other=0.0)
-        acc += tl.dot(u.to(tl.float32), a, input_precision="ieee")
+        acc = _mma(u, a.to(dt), acc, PRECISION)
     tl.store(h_ptr + rm[:, None] * R_PAD + rj[None, :], acc, mask=rm[:, None] < M)
 
 
@@ -54,28 +93,40 @@ def _up_kernel(
     e_ptr,
     c_ptr,
     b_ptr,
+    base_ptr,
     y_ptr,
     M,
     N,
     per_row,
     scaling,
+    HAS_BASE: tl.constexpr,
+    R_PAD: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    R_PAD: tl.constexpr,
 ):
-    """y = s * (h * Ec * c_row) @ Bc^T.
+    """y = base + s * (h * Ec * c_row) @ Bc^T, accumulated in fp32 from the base, stored in y's
+    dtype (without HAS_BASE: the delta alone).
 
     grid: (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N))   block: y[BLOCK_M, BLOCK_N].
     """
+    dt = y_ptr.dtype.element_ty
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rj = tl.arange(0, R_PAD)
-    h = tl.load(h_ptr + rm[:, None] * R_PAD + rj[None, :], mask=rm[:, None] < M, other=0.0)
-    c = tl.load(c_ptr + rm // per_row, mask=rm < M, other=0.0)
-    hs = h * tl.load(e_ptr + rj)[None, :] * (c * scaling)[:, None]
-    b = tl.load(b_ptr + rn[None, :] * R_PAD + rj[:, None], mask=rn[None, :] < N, other=0.0)
-    y = tl.dot(hs, b, input_precision="ieee")
-    tl.store(y_ptr + rm[:, None] * N + rn[None, :], y, mask=(rm[:, None] < M) & (rn[None, :] < N))
+    offs = rm[:, None] * N + rn[None, :]
+    inside = (rm[:, None] < M) & (rn[None, :] < N)
+    if HAS_BASE:
+        acc = tl.load(base_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    cs = tl.load(c_ptr + rm // per_row, mask=rm < M, other=0.0) * scaling
+    for j0 in tl.static_range(0, R_PAD, R_STEP):
+        rj = j0 + tl.arange(0, R_STEP)
+        h = tl.load(h_ptr + rm[:, None] * R_PAD + rj[None, :], mask=rm[:, None] < M, other=0.0)
+        hs = h * tl.load(e_ptr + rj)[None, :] * cs[:, None]
+        b = tl.load(b_ptr + rn[None, :] * R_PAD + rj[:, None], mask=rn[None, :] < N, other=0.0)
+        acc = _mma(hs.to(dt), b.to(dt), acc, PRECISION)
+    tl.store(y_ptr + offs, acc.to(dt), mask=inside)
 
 
 @triton.jit
@@ -94,15 +145,17 @@ def _grad_h_kernel(
     per_row,
     scaling,
     HAS_IG: tl.constexpr,
+    R_PAD: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    R_PAD: tl.constexpr,
 ):
-    """g = s * c_row * (gy @ Bc) (the gradient reaching h * Ec) and this block's dE partial sums.
+    """g = s * c_row * (gy @ Bc) (fp32: the gradient reaching h * Ec) and this block's dE sums.
 
     grid: (cdiv(M, BLOCK_M),)   block: g[BLOCK_M, R_PAD], loop over N.
     Writes de_t[pid] = sum_rows tc * g * h and, with HAS_IG, de_ig[pid] = sum_rows ic * g * h.
     """
+    dt = gy_ptr.dtype.element_ty
     pid = tl.program_id(0)
     rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rj = tl.arange(0, R_PAD)
@@ -113,7 +166,7 @@ def _grad_h_kernel(
             gy_ptr + rm[:, None] * N + rn[None, :], mask=(rm[:, None] < M) & (rn[None, :] < N), other=0.0
         )
         b = tl.load(b_ptr + rn[:, None] * R_PAD + rj[None, :], mask=rn[:, None] < N, other=0.0)
-        acc += tl.dot(gy.to(tl.float32), b, input_precision="ieee")
+        acc = _mma(gy, b.to(dt), acc, PRECISION)
     row = rm // per_row
     c = tl.load(c_ptr + row, mask=rm < M, other=0.0)
     g = acc * (c * scaling)[:, None]
@@ -128,17 +181,46 @@ def _grad_h_kernel(
 
 @triton.jit
 def _dx_kernel(
-    g_ptr, e_ptr, a_ptr, du_ptr, M, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr
+    g_ptr,
+    e_ptr,
+    a_ptr,
+    dx_ptr,
+    M,
+    K,
+    ACCUMULATE: tl.constexpr,
+    R_PAD: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
-    """du = (g * Ec) @ Ac.   grid: (cdiv(M, BLOCK_M), cdiv(K, BLOCK_K))   block: du[BLOCK_M, BLOCK_K]."""
+    """dx = (g * Ec) @ Ac in dx's dtype; with ACCUMULATE added (in fp32) to the dx it holds.
+
+    grid: (cdiv(M, BLOCK_M), cdiv(K, BLOCK_K))   block: dx[BLOCK_M, BLOCK_K].
+    """
+    dt = dx_ptr.dtype.element_ty
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    rj = tl.arange(0, R_PAD)
-    g = tl.load(g_ptr + rm[:, None] * R_PAD + rj[None, :], mask=rm[:, None] < M, other=0.0)
-    ge = g * tl.load(e_ptr + rj)[None, :]
-    a = tl.load(a_ptr + rj[:, None] * K + rk[None, :], mask=rk[None, :] < K, other=0.0)
-    du = tl.dot(ge, a, input_precision="ieee")
-    tl.store(du_ptr + rm[:, None] * K + rk[None, :], du, mask=(rm[:, None] < M) & (rk[None, :] < K))
+    offs = rm[:, None] * K + rk[None, :]
+    inside = (rm[:, None] < M) & (rk[None, :] < K)
+    if ACCUMULATE:
+        acc = tl.load(dx_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for j0 in tl.static_range(0, R_PAD, R_STEP):
+        rj = j0 + tl.arange(0, R_STEP)
+        g = tl.load(g_ptr + rm[:, None] * R_PAD + rj[None, :], mask=rm[:, None] < M, other=0.0)
+        ge = g * tl.load(e_ptr + rj)[None, :]
+        a = tl.load(a_ptr + rj[:, None] * K + rk[None, :], mask=rk[None, :] < K, other=0.0)
+        acc = _mma(ge.to(dt), a.to(dt), acc, PRECISION)
+    tl.store(dx_ptr + offs, acc.to(dt), mask=inside)
+
+
+@triton.jit
+def _chunk(M, BLOCK_M: tl.constexpr):
+    """Rows [start, end) of this program's chunk: the row blocks dealt evenly over grid dim 1."""
+    chunk = tl.cdiv(tl.cdiv(M, BLOCK_M), tl.num_programs(1)) * BLOCK_M
+    start = tl.program_id(1) * chunk
+    return start, tl.minimum(start + chunk, M)
 
 
 @triton.jit
@@ -146,45 +228,46 @@ def _grad_a_kernel(
     u_ptr,
     g_ptr,
     e_ptr,
-    a_ptr,
     tc_ptr,
     ic_ptr,
     da_ptr,
-    ig_a_ptr,
     M,
     K,
     per_row,
     HAS_IG: tl.constexpr,
+    R_PAD: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    R_PAD: tl.constexpr,
 ):
-    """dA = (g * Ec * tc)^T @ u and IG_A = Ac * ((g * Ec * ic)^T @ u), u read once for both.
+    """One row chunk's part of dA = (g * Ec * tc)^T @ u and, with HAS_IG, of (g * Ec * ic)^T @ u;
+    u read once for both. Partial sums go to da[set, chunk] (fp32, set 0 training, 1 IG).
 
-    grid: (cdiv(K, BLOCK_K),)   block: dA[R_PAD, BLOCK_K], loop over M.
+    grid: (cdiv(K, BLOCK_K), chunks)   block: [R_PAD, BLOCK_K], loop over the chunk's rows.
     """
+    dt = u_ptr.dtype.element_ty
     rk = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     rj = tl.arange(0, R_PAD)
     e = tl.load(e_ptr + rj)
+    start, end = _chunk(M, BLOCK_M)
     acc_t = tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32)
     acc_ig = tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32)
-    for m0 in range(0, M, BLOCK_M):
+    for m0 in range(start, end, BLOCK_M):
         rm = m0 + tl.arange(0, BLOCK_M)
-        u = tl.load(
-            u_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0
-        )
-        u = u.to(tl.float32)
-        ge = tl.load(g_ptr + rm[:, None] * R_PAD + rj[None, :], mask=rm[:, None] < M, other=0.0) * e[None, :]
-        tc = tl.load(tc_ptr + rm // per_row, mask=rm < M, other=0.0)
-        acc_t += tl.dot(tl.trans(ge * tc[:, None]), u, input_precision="ieee")
+        rows = rm < end
+        u = tl.load(u_ptr + rm[:, None] * K + rk[None, :], mask=rows[:, None] & (rk[None, :] < K), other=0.0)
+        ge_t = tl.load(g_ptr + rm[None, :] * R_PAD + rj[:, None], mask=rows[None, :], other=0.0)
+        ge_t = ge_t * e[:, None]
+        tc = tl.load(tc_ptr + rm // per_row, mask=rows, other=0.0)
+        acc_t = _mma((ge_t * tc[None, :]).to(dt), u, acc_t, PRECISION)
         if HAS_IG:
-            ic = tl.load(ic_ptr + rm // per_row, mask=rm < M, other=0.0)
-            acc_ig += tl.dot(tl.trans(ge * ic[:, None]), u, input_precision="ieee")
-    offs = rj[:, None] * K + rk[None, :]
+            ic = tl.load(ic_ptr + rm // per_row, mask=rows, other=0.0)
+            acc_ig = _mma((ge_t * ic[None, :]).to(dt), u, acc_ig, PRECISION)
+    slab = R_PAD * K
+    offs = tl.program_id(1) * slab + rj[:, None] * K + rk[None, :]
     tl.store(da_ptr + offs, acc_t, mask=rk[None, :] < K)
     if HAS_IG:
-        a = tl.load(a_ptr + offs, mask=rk[None, :] < K, other=0.0)
-        tl.store(ig_a_ptr + offs, a * acc_ig, mask=rk[None, :] < K)
+        tl.store(da_ptr + tl.num_programs(1) * slab + offs, acc_ig, mask=rk[None, :] < K)
 
 
 @triton.jit
@@ -192,74 +275,142 @@ def _grad_b_kernel(
     gy_ptr,
     h_ptr,
     e_ptr,
-    b_ptr,
     c_ptr,
     tc_ptr,
     ic_ptr,
     db_ptr,
-    ig_b_ptr,
     M,
     N,
     per_row,
-    scaling,
     HAS_IG: tl.constexpr,
+    R_PAD: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    R_PAD: tl.constexpr,
 ):
-    """dB = s * (gy * tc)^T @ hs and IG_B = Bc * s * ((gy * ic)^T @ hs), hs = h * Ec * c_row.
+    """One row chunk's part of gy^T @ (hs * tc) and, with HAS_IG, of gy^T @ (hs * ic), with
+    hs = h * Ec * c_row; gy read once for both. Partial sums go to db[set, chunk] (fp32, before
+    the scaling s).
 
-    grid: (cdiv(N, BLOCK_N),)   block: dB[BLOCK_N, R_PAD], loop over M; gy read once for both.
+    grid: (cdiv(N, BLOCK_N), chunks)   block: [BLOCK_N, R_PAD], loop over the chunk's rows.
     """
+    dt = gy_ptr.dtype.element_ty
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rj = tl.arange(0, R_PAD)
     e = tl.load(e_ptr + rj)
+    start, end = _chunk(M, BLOCK_M)
     acc_t = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
     acc_ig = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
-    for m0 in range(0, M, BLOCK_M):
+    for m0 in range(start, end, BLOCK_M):
         rm = m0 + tl.arange(0, BLOCK_M)
-        gy = tl.load(
-            gy_ptr + rm[:, None] * N + rn[None, :], mask=(rm[:, None] < M) & (rn[None, :] < N), other=0.0
+        rows = rm < end
+        gy_t = tl.load(
+            gy_ptr + rm[None, :] * N + rn[:, None], mask=rows[None, :] & (rn[:, None] < N), other=0.0
         )
-        gy = gy.to(tl.float32)
         row = rm // per_row
-        c = tl.load(c_ptr + row, mask=rm < M, other=0.0)
-        hs = tl.load(h_ptr + rm[:, None] * R_PAD + rj[None, :], mask=rm[:, None] < M, other=0.0)
+        c = tl.load(c_ptr + row, mask=rows, other=0.0)
+        hs = tl.load(h_ptr + rm[:, None] * R_PAD + rj[None, :], mask=rows[:, None], other=0.0)
         hs = hs * e[None, :] * c[:, None]
-        tc = tl.load(tc_ptr + row, mask=rm < M, other=0.0)
-        acc_t += tl.dot(tl.trans(gy * tc[:, None]), hs, input_precision="ieee")
+        tc = tl.load(tc_ptr + row, mask=rows, other=0.0)
+        acc_t = _mma(gy_t, (hs * tc[:, None]).to(dt), acc_t, PRECISION)
         if HAS_IG:
-            ic = tl.load(ic_ptr + row, mask=rm < M, other=0.0)
-            acc_ig += tl.dot(tl.trans(gy * ic[:, None]), hs, input_precision="ieee")
-    offs = rn[:, None] * R_PAD + rj[None, :]
-    tl.store(db_ptr + offs, acc_t * scaling, mask=rn[:, None] < N)
+            ic = tl.load(ic_ptr + row, mask=rows, other=0.0)
+            acc_ig = _mma(gy_t, (hs * ic[:, None]).to(dt), acc_ig, PRECISION)
+    slab = N * R_PAD
+    offs = tl.program_id(1) * slab + rn[:, None] * R_PAD + rj[None, :]
+    tl.store(db_ptr + offs, acc_t, mask=rn[:, None] < N)
     if HAS_IG:
-        b = tl.load(b_ptr + offs, mask=rn[:, None] < N, other=0.0)
-        tl.store(ig_b_ptr + offs, b * acc_ig * scaling, mask=rn[:, None] < N)
+        tl.store(db_ptr + tl.num_programs(1) * slab + offs, acc_ig, mask=rn[:, None] < N)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch space: what the autotuner can pick on a GPU (igu_kernels.audit compiles all of it)
+
+
+def _configs(feature: str, tiles: list[tuple[int, int, int, int]]) -> list[triton.Config]:
+    """(BLOCK_M, BLOCK_<feature>, num_warps, num_stages) tuples as triton configs."""
+    return [
+        triton.Config({"BLOCK_M": m, f"BLOCK_{feature}": f}, num_warps=w, num_stages=s)
+        for m, f, w, s in tiles
+    ]
+
+
+def _space(feature: str, wide: list, fp32: list) -> dict[str, list[triton.Config]]:
+    """16-bit activations take the ``wide`` tiles; fp32 (IEEE FFMA or tf32) the ``fp32`` ones."""
+    return {"fp16": _configs(feature, wide), "bf16": _configs(feature, wide), "fp32": _configs(feature, fp32)}
+
+
+# Tiles (BLOCK_M, BLOCK_<feature>, num_warps, num_stages) that compile without spills at every
+# R_PAD on sm_90a and sm_80 (docs/kernels.md; tests/test_audit.py keeps it so).
+_DOWN_TILES = [(64, 64, 4, 3), (128, 64, 8, 3)]  # loop over the feature dim: down
+_GRAD_H_TILES = [(64, 64, 8, 3), (32, 64, 4, 3)]  # and grad_h
+_GEMM_FP32_TILES = [(32, 32, 4, 2), (64, 32, 8, 2)]
+_RANK_TILES = [(64, 64, 4, 3), (128, 64, 8, 3)]  # the rank is the inner dim: up, dx
+_RANK_FP32_TILES = [(32, 32, 4, 2), (32, 64, 8, 2), (64, 32, 8, 2)]
+_SPLIT_TILES = [(64, 64, 4, 3), (64, 128, 8, 3)]  # row reductions: grad_a, grad_b
+_SPLIT_FP32_TILES = [(16, 32, 4, 2), (16, 64, 8, 2)]
+# The interpreter runs one small configuration of every kernel (it is slow, and it does not tune).
+_INTERPRETER = {"BLOCK_M": 16}
+
+
+def _tuned(kernel, feature: str, tiles: tuple, dtype_arg: str, flag: str | None = None, **kw) -> Tuned:
+    """A kernel tuned over ``tiles`` (16-bit, fp32), keyed by its feature dim, flag, rank, precision."""
+    key = (feature, *([flag] if flag else []), "R_PAD", "PRECISION")
+    configs = _space(feature, *tiles)
+    return Tuned(kernel, configs, key, dtype_arg, {**_INTERPRETER, f"BLOCK_{feature}": 32}, **kw)
+
+
+_DOWN = _tuned(_down_kernel, "K", (_DOWN_TILES, _GEMM_FP32_TILES), "u_ptr")
+_UP = _tuned(_up_kernel, "N", (_RANK_TILES, _RANK_FP32_TILES), "y_ptr", "HAS_BASE")
+_GRAD_H = _tuned(_grad_h_kernel, "N", (_GRAD_H_TILES, _GEMM_FP32_TILES), "gy_ptr", "HAS_IG")
+_DX = _tuned(_dx_kernel, "K", (_RANK_TILES, _RANK_FP32_TILES), "dx_ptr", "ACCUMULATE", restore=("dx_ptr",))
+_GRAD_A = _tuned(_grad_a_kernel, "K", (_SPLIT_TILES, _SPLIT_FP32_TILES), "u_ptr", "HAS_IG")
+_GRAD_B = _tuned(_grad_b_kernel, "N", (_SPLIT_TILES, _SPLIT_FP32_TILES), "gy_ptr", "HAS_IG")
+TUNED = {t.kernel.fn.__name__: t for t in (_DOWN, _UP, _GRAD_H, _DX, _GRAD_A, _GRAD_B)}
+
+# The rest of the launch space, for igu_kernels.audit. Activations (u, gy, the base output, y,
+# dx) arrive in the model's dtype; every other pointer is fp32.
+ACTIVATION_DTYPES = ("fp32", "fp16", "bf16")
+ACTIVATION_PTRS = ("u_ptr", "gy_ptr", "base_ptr", "y_ptr", "dx_ptr")
+FLOAT_ARGS = ("scaling",)
+GPU_CONSTEXPRS = {
+    "R_PAD": (16, 32, 64),  # active ranks up to 64 rounded up to a power of two >= 16
+    "HAS_IG": (False, True),
+    "HAS_BASE": (False, True),
+    "ACCUMULATE": (False, True),
+    "PRECISION": {"fp32": ("ieee", "tf32"), "fp16": ("ieee",), "bf16": ("ieee",)},
+}
+MAX_RANK = 64  # larger active ranks run on the reference (no tile above is audited)
+_WIDEST_FEATURE_TILE = max(f for _, f, _, _ in _SPLIT_TILES + _SPLIT_FP32_TILES)
+_SPLIT_TARGET = {"gpu": (2, 256), "interpreter": (8, 32)}  # (programs per SM | in all, min rows)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    if interpreting():
+        return "emulate"
+    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def row_chunks(M: int, features: int, device: torch.device) -> int:
+    """Row chunks of the dA / dB reductions: enough programs to fill the device twice over at the
+    widest feature tile, each chunk at least a few hundred rows (interpreter: small numbers, so
+    the tests split too)."""
+    if interpreting():
+        programs, min_rows = _SPLIT_TARGET["interpreter"]
+    else:
+        per_sm, min_rows = _SPLIT_TARGET["gpu"]
+        programs = per_sm * _sm_count(device)
+    by_grid = triton.cdiv(programs, triton.cdiv(features, _WIDEST_FEATURE_TILE))
+    return max(1, min(by_grid, triton.cdiv(M, min_rows)))
 
 
 # ---------------------------------------------------------------------------------------------
 # Launcher
-
-
-# The launch space igu_kernels.audit compiles: what the launcher below can pick on a GPU. The
-# activations (u, gy) arrive in the model's dtype; every other pointer is fp32.
-ACTIVATION_DTYPES = ("fp32", "fp16", "bf16")
-ACTIVATION_PTRS = ("u_ptr", "gy_ptr")
-FLOAT_ARGS = ("scaling",)
-GPU_CONSTEXPRS = {
-    "BLOCK_M": (64,),
-    "BLOCK_K": (64,),
-    "BLOCK_N": (64,),
-    "R_PAD": (16, 32, 64),  # active ranks up to 64 rounded up to a power of two >= 16
-    "HAS_IG": (False, True),
-}
-GPU_LAUNCH = {"num_warps": 4, "num_stages": 3}  # Triton's defaults: the launcher sets neither
-
-
-def _blocks() -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_FEATURE): large tiles on a GPU, smaller ones for the slow interpreter."""
-    return (32, 32) if interpreting() else (64, 64)
 
 
 def _rank_pad(r: int) -> int:
@@ -285,90 +436,150 @@ class _Compact:
         return self.index.numel()
 
 
-class TritonBatchedIGLoraFunction(torch.autograd.Function):
-    """Same contract as ``reference.BatchedIGLoraFunction``, computed by the kernels above."""
+class TritonLoraLinearFunction(torch.autograd.Function):
+    """``base + delta`` with ``delta`` as in ``reference.BatchedIGLoraFunction`` (same row
+    coefficients and IG buffers), computed by the kernels above in u's dtype.
+
+    ``base`` is the base layer's output (M x N in u's dtype), or None: with ``weight`` given the
+    base ``u W^T + b`` is computed here and the backward adds the adapter's du into the base's dx
+    in place; with neither, the output is the delta alone.
+    """
 
     @staticmethod
     @autocast_off
-    def forward(ctx, u, A, E, B, mask, scaling, row_scale, train_coef, ig_coef, ig_buffers):
-        shape, K, N = u.shape, A.shape[1], B.shape[0]
+    def forward(
+        ctx, u, base, weight, bias, A, E, B, mask, scaling, row_scale, train_coef, ig_coef, ig_buffers
+    ):
+        K, N = A.shape[1], B.shape[0]
         u2 = u.reshape(-1, K).contiguous()
         M = u2.shape[0]
         per_row = max(1, M // row_scale.shape[0])
+        if weight is not None:
+            base = F.linear(u2, weight, bias)
+        base2 = None if base is None else base.reshape(M, N).contiguous()
+        y = torch.empty(M, N, device=u.device, dtype=u.dtype)
         compact = _Compact(A, E, B, mask)
-        y = torch.zeros(M, N, device=u.device, dtype=torch.float32)
         h = torch.empty(M, compact.r_pad, device=u.device, dtype=torch.float32)
         c = row_scale.to(torch.float32).contiguous()
+        precision = _precision(u.dtype)
         if compact.r and M:
-            bm, bf = _blocks()
-            _down_kernel[(triton.cdiv(M, bm),)](u2, compact.A, h, M, K, bm, bf, compact.r_pad)
-            grid = (triton.cdiv(M, bm), triton.cdiv(N, bf))
-            _up_kernel[grid](
-                h, compact.E, c, compact.B, y, M, N, per_row, float(scaling), bm, bf, compact.r_pad
+            _DOWN[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)](
+                u2, compact.A, h, M, K, R_PAD=compact.r_pad, PRECISION=precision
             )
-        ctx.save_for_backward(u2, h, c, train_coef.to(torch.float32).contiguous(), A, E, B)
-        ctx.compact, ctx.scaling, ctx.per_row, ctx.in_shape, ctx.in_dtype = (
-            compact,
-            scaling,
-            per_row,
-            shape,
-            u.dtype,
-        )
+            _UP[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))](
+                h, compact.E, c, compact.B, y if base2 is None else base2, y, M, N, per_row, float(scaling),
+                HAS_BASE=base2 is not None, R_PAD=compact.r_pad, PRECISION=precision,
+            )  # fmt: skip
+        elif base2 is None:
+            y.zero_()
+        else:
+            y.copy_(base2)
+        ctx.save_for_backward(u2, h, c, train_coef.to(torch.float32).contiguous(), A, E, B, weight)
+        ctx.compact, ctx.scaling, ctx.per_row, ctx.precision = compact, float(scaling), per_row, precision
+        ctx.in_shape, ctx.base_shape = u.shape, None if base is None else base.shape
         ctx.ig_coef = None if ig_buffers is None else ig_coef.to(torch.float32).contiguous()
         ctx.ig_buffers = ig_buffers
-        return y.reshape(*shape[:-1], N)
+        return y.reshape(*u.shape[:-1], N)
 
     @staticmethod
     @autocast_off
     def backward(ctx, gy):
-        u2, h, c, tc, A, E, B = ctx.saved_tensors
-        compact, s, per_row = ctx.compact, float(ctx.scaling), ctx.per_row
-        M, K = u2.shape
-        N, r_pad, has_ig = B.shape[0], compact.r_pad, ctx.ig_buffers is not None
+        u2, h, c, tc, A, E, B, weight = ctx.saved_tensors
+        compact, s, per_row, precision = ctx.compact, ctx.scaling, ctx.per_row, ctx.precision
+        (M, K), N, r_pad = u2.shape, B.shape[0], compact.r_pad
+        has_ig, active = ctx.ig_buffers is not None, bool(compact.r and M)
+        gy2 = gy.reshape(M, N).to(u2.dtype).contiguous()
+        f32 = {"device": u2.device, "dtype": torch.float32}
         dA, dE, dB = torch.zeros_like(A), torch.zeros_like(E), torch.zeros_like(B)
-        du = torch.zeros(M, K, device=u2.device, dtype=torch.float32)
-        if compact.r and M:
-            gy2 = gy.reshape(-1, N).contiguous()
+        d_base = gy.reshape(ctx.base_shape) if ctx.needs_input_grad[1] else None
+        d_weight = gy2.t() @ u2 if ctx.needs_input_grad[2] else None
+        d_bias = gy2.sum(0) if ctx.needs_input_grad[3] else None
+        du = None
+        if ctx.needs_input_grad[0] and weight is not None:
+            du = gy2 @ weight
+        elif ctx.needs_input_grad[0]:
+            du = torch.empty_like(u2) if active else torch.zeros_like(u2)
+        if active:
             ic = ctx.ig_coef if has_ig else tc
-            bm, bf = _blocks()
-            blocks_m = triton.cdiv(M, bm)
-            f32 = {"device": u2.device, "dtype": torch.float32}
             g = torch.empty(M, r_pad, **f32)
-            de_t, de_ig = torch.empty(blocks_m, r_pad, **f32), torch.empty(blocks_m, r_pad, **f32)
-            _grad_h_kernel[(blocks_m,)](
-                gy2, compact.B, h, c, tc, ic, g, de_t, de_ig, M, N, per_row, s, has_ig, bm, bf, r_pad
+            blocks = triton.cdiv(M, _GRAD_H.smallest("BLOCK_M"))
+            de_t, de_ig = torch.zeros(blocks, r_pad, **f32), torch.zeros(blocks, r_pad, **f32)
+            _GRAD_H[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)](
+                gy2, compact.B, h, c, tc, ic, g, de_t, de_ig, M, N, per_row, s,
+                HAS_IG=has_ig, R_PAD=r_pad, PRECISION=precision,
+            )  # fmt: skip
+            if du is not None:
+                _DX[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_K"]))](
+                    g, compact.E, compact.A, du, M, K, ACCUMULATE=weight is not None, R_PAD=r_pad,
+                    PRECISION=precision,
+                )  # fmt: skip
+            sets = 2 if has_ig else 1
+            chunks_a, chunks_b = row_chunks(M, K, u2.device), row_chunks(M, N, u2.device)
+            da = torch.empty(sets, chunks_a, r_pad, K, **f32)
+            _GRAD_A[lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), chunks_a)](
+                u2, g, compact.E, tc, ic, da, M, K, per_row, HAS_IG=has_ig, R_PAD=r_pad, PRECISION=precision
             )
-            _dx_kernel[(blocks_m, triton.cdiv(K, bf))](g, compact.E, compact.A, du, M, K, bm, bf, r_pad)
-            da_t, ig_a = torch.empty(r_pad, K, **f32), torch.empty(r_pad, K, **f32)
-            _grad_a_kernel[(triton.cdiv(K, bf),)](
-                u2, g, compact.E, compact.A, tc, ic, da_t, ig_a, M, K, per_row, has_ig, bm, bf, r_pad
+            db = torch.empty(sets, chunks_b, N, r_pad, **f32)
+            _GRAD_B[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), chunks_b)](
+                gy2,
+                h,
+                compact.E,
+                c,
+                tc,
+                ic,
+                db,
+                M,
+                N,
+                per_row,
+                HAS_IG=has_ig,
+                R_PAD=r_pad,
+                PRECISION=precision,
             )
-            db_t, ig_b = torch.empty(N, r_pad, **f32), torch.empty(N, r_pad, **f32)
-            _grad_b_kernel[(triton.cdiv(N, bf),)](
-                gy2, h, compact.E, compact.B, c, tc, ic, db_t, ig_b, M, N, per_row, s, has_ig, bm, bf, r_pad
-            )
+            da, db = da.sum(1), db.sum(1) * s  # chunk order fixed: deterministic
             idx, r = compact.index, compact.r
-            dA[idx] = da_t[:r].to(dA.dtype)
+            dA[idx] = da[0, :r].to(dA.dtype)
             dE[idx] = de_t.sum(0)[:r].to(dE.dtype)
-            dB[:, idx] = db_t[:, :r].to(dB.dtype)
+            dB[:, idx] = db[0, :, :r].to(dB.dtype)
             if has_ig:
                 buf_a, buf_e, buf_b = ctx.ig_buffers
-                buf_a[idx] += ig_a[:r].to(buf_a.dtype)
+                buf_a[idx] += (compact.A[:r] * da[1, :r]).to(buf_a.dtype)
                 buf_e[idx] += (compact.E[:r] * de_ig.sum(0)[:r]).to(buf_e.dtype)
-                buf_b[:, idx] += ig_b[:, :r].to(buf_b.dtype)
-        du = du.reshape(ctx.in_shape).to(ctx.in_dtype)
-        return du, dA, dE, dB, None, None, None, None, None, None
+                buf_b[:, idx] += (compact.B[:, :r] * db[1, :, :r]).to(buf_b.dtype)
+        du = None if du is None else du.reshape(ctx.in_shape)
+        return du, d_base, d_weight, d_bias, dA, dE, dB, None, None, None, None, None, None
 
 
-def batched_ig_lora_delta(u, A, E, B, mask, scaling, row_scale, train_coef, ig_coef, ig_buffers):
-    return TritonBatchedIGLoraFunction.apply(
-        u, A, E, B, mask, scaling, row_scale, train_coef, ig_coef, ig_buffers
-    )
+def adapted_linear(
+    u, base, A, E, B, mask, scaling, *, scale=1.0, plan=None, ig_buffers=None, weight=None, bias=None
+):
+    """``base + s * ((u A^T) * (E m) * c) B^T`` in the base's dtype (see igu_kernels.dispatch).
+
+    The products run in the dtype of the output: the base's, or under autocast with ``weight``
+    the autocast dtype, as ``F.linear`` would; ``plan`` = (row_scale, train_coef, ig_coef) per
+    row of ``u`` (dim 0), or None for one node of scale ``scale`` (c = scale for every token).
+    """
+    if base is not None:
+        dtype = base.dtype
+    elif torch.is_autocast_enabled(u.device.type):
+        dtype = torch.get_autocast_dtype(u.device.type)
+    else:
+        dtype = u.dtype
+    if weight is not None:
+        weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
+    shape, u = u.shape, u.to(dtype)
+    if plan is None:
+        ones = torch.ones(1, device=u.device, dtype=torch.float32)
+        u, plan = u.reshape(1, -1, shape[-1]), (ones * scale, ones, ones)
+    y = TritonLoraLinearFunction.apply(u, base, weight, bias, A, E, B, mask, scaling, *plan, ig_buffers)
+    return y.reshape(*shape[:-1], B.shape[0])
 
 
 def lora_delta(x, A, E, B, mask, scaling, scale=1.0):
-    """The plain (training or single-node) forward: one 'row' of scale ``scale`` for all tokens."""
-    ones = torch.ones(1, device=x.device, dtype=torch.float32)
-    return TritonBatchedIGLoraFunction.apply(
-        x.reshape(1, -1, x.shape[-1]), A, E, B, mask, scaling, ones * scale, ones, ones, None
-    ).reshape(*x.shape[:-1], B.shape[0])
+    """The delta alone (in x's dtype) of one node of scale ``scale``."""
+    return adapted_linear(x, None, A, E, B, mask, scaling, scale=scale)
+
+
+def batched_ig_lora_delta(u, A, E, B, mask, scaling, row_scale, train_coef, ig_coef, ig_buffers):
+    """The delta alone (in u's dtype) on a batched IG plan."""
+    plan = (row_scale, train_coef, ig_coef)
+    return adapted_linear(u, None, A, E, B, mask, scaling, plan=plan, ig_buffers=ig_buffers)

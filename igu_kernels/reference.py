@@ -10,6 +10,7 @@ Shapes: ``x`` is (N, ..., in) with the batch on dim 0; ``A`` (r, in), ``E`` (r,)
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from igu_kernels.amp import autocast_off
 
@@ -34,13 +35,15 @@ def lora_delta(
     mask: Tensor | None,
     scaling: float,
     scale: float = 1.0,
+    precision: torch.dtype | None = None,
 ) -> Tensor:
     """Adapter output ``scale * s * ((x A^T) * (E m)) B^T`` with plain autograd.
 
-    ``scale`` is alpha^3 of one IG node (1 for training). Returns the compute dtype; the caller
-    casts to the base layer's output dtype.
+    ``scale`` is alpha^3 of one IG node (1 for training). Computes and returns ``precision``
+    (default: the compute dtype; a 16-bit one gives eager 16-bit LoRA, the kernels' tolerance
+    baseline); the caller casts to the base layer's output dtype.
     """
-    dtype = compute_dtype(x, A)
+    dtype = precision or compute_dtype(x, A)
     h = x.to(dtype) @ A.to(dtype).t()
     h = h * effective_singular_values(E, mask).to(dtype)
     return (h @ B.to(dtype).t()) * (scaling * scale)
@@ -81,8 +84,8 @@ class BatchedIGLoraFunction(torch.autograd.Function):
 
     @staticmethod
     @autocast_off
-    def forward(ctx, u, A, E, B, mask, scaling, row_scale, train_coef, ig_coef, ig_buffers):
-        dtype = compute_dtype(u, A)
+    def forward(ctx, u, A, E, B, mask, scaling, row_scale, train_coef, ig_coef, ig_buffers, precision=None):
+        dtype = precision or compute_dtype(u, A)
         shape = u.shape
         rows = shape[0]
         u2 = u.reshape(-1, shape[-1]).to(dtype)
@@ -117,11 +120,29 @@ class BatchedIGLoraFunction(torch.autograd.Function):
             for buf, theta, g in zip(ctx.ig_buffers, (A, E, B), (dA_all[1], dE_all[1], dB_all[1])):
                 buf.add_((theta.to(dtype) * g).to(buf.dtype))
         dA, dE, dB = (g.to(p.dtype) for g, p in zip(grads, (A, E, B)))
-        return du, dA, dE, dB, None, None, None, None, None, None
+        return du, dA, dE, dB, None, None, None, None, None, None, None
 
 
-def batched_ig_lora_delta(u, A, E, B, mask, scaling, row_scale, train_coef, ig_coef, ig_buffers):
-    return BatchedIGLoraFunction.apply(u, A, E, B, mask, scaling, row_scale, train_coef, ig_coef, ig_buffers)
+def batched_ig_lora_delta(
+    u, A, E, B, mask, scaling, row_scale, train_coef, ig_coef, ig_buffers, precision=None
+):
+    return BatchedIGLoraFunction.apply(
+        u, A, E, B, mask, scaling, row_scale, train_coef, ig_coef, ig_buffers, precision
+    )
+
+
+def adapted_linear(
+    u, base, A, E, B, mask, scaling, *, scale=1.0, plan=None, ig_buffers=None, weight=None, bias=None,
+    precision=None,
+):  # fmt: skip
+    """``base + delta`` in the base's dtype (contract in igu_kernels.dispatch.adapted_linear)."""
+    if base is None:
+        base = F.linear(u, weight, bias)
+    if plan is None:
+        delta = lora_delta(u, A, E, B, mask, scaling, scale, precision)
+    else:
+        delta = batched_ig_lora_delta(u, A, E, B, mask, scaling, *plan, ig_buffers, precision)
+    return base + delta.to(base.dtype)
 
 
 def score_update(

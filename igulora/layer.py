@@ -147,36 +147,46 @@ class IGULoraLinear(nn.Module):
         weight.copy_((weight.to(self.lora_A.dtype) - self.delta_weight()).to(weight.dtype))
         self.merged = False
 
+    def _owns_base(self, u: torch.Tensor, args: tuple, kwargs: dict) -> bool:
+        """Whether the adapter op may compute a plain nn.Linear base itself (on the Triton kernels,
+        fusing the input-gradient add): no dropout between, no hooks, extra arguments or
+        sharded/quantized weight that calling the base layer would honour."""
+        base = self.base_layer
+        return (
+            type(base) is nn.Linear
+            and not (args or kwargs or base._forward_hooks or base._forward_pre_hooks)
+            and isinstance(self.dropout, nn.Identity)
+            and type(base.weight) is nn.Parameter
+            and igu_kernels.fuses_base(u, self.lora_A)
+        )
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
         if self.merged or not self.adapter_enabled or self.node_scale == 0.0:
-            return result
+            return self.base_layer(x, *args, **kwargs)
         u = self.dropout(x)
-        A, E, B, mask = self.lora_A, self.lora_E, self.lora_B, self.forward_mask()
-        if self.row_plan is None:
-            delta = igu_kernels.lora_delta(u, A, E, B, mask, self.scaling, self.node_scale)
-        else:
-            plan = self.row_plan
-            if u.shape[0] != plan.row_scale.shape[0]:
-                raise ValueError(
-                    f"IGULoraLinear: input has {u.shape[0]} rows on dim 0 but the batched IG plan "
-                    f"has {plan.row_scale.shape[0]}; adapted layers need the batch on dim 0, and a "
-                    "scoring step's plan stays installed until its backward is done "
-                    "(update_and_allocate, the next training_loss or eval() removes it)"
-                )
-            delta = igu_kernels.batched_ig_lora_delta(
-                u,
-                A,
-                E,
-                B,
-                mask,
-                self.scaling,
-                plan.row_scale,
-                plan.train_coef,
-                plan.ig_coef,
-                self.ig_buffers,
+        plan = self.row_plan
+        if plan is not None and u.shape[0] != plan.row_scale.shape[0]:
+            raise ValueError(
+                f"IGULoraLinear: input has {u.shape[0]} rows on dim 0 but the batched IG plan "
+                f"has {plan.row_scale.shape[0]}; adapted layers need the batch on dim 0, and a "
+                "scoring step's plan stays installed until its backward is done "
+                "(update_and_allocate, the next training_loss or eval() removes it)"
             )
-        return result + delta.to(result.dtype)
+        own = self._owns_base(u, args, kwargs)
+        return igu_kernels.adapted_linear(
+            u,
+            None if own else self.base_layer(x, *args, **kwargs),
+            self.lora_A,
+            self.lora_E,
+            self.lora_B,
+            self.forward_mask(),
+            self.scaling,
+            scale=self.node_scale,
+            plan=None if plan is None else (plan.row_scale, plan.train_coef, plan.ig_coef),
+            ig_buffers=None if plan is None else self.ig_buffers,
+            weight=self.base_layer.weight if own else None,
+            bias=self.base_layer.bias if own else None,
+        )
 
     def extra_repr(self) -> str:
         return (

@@ -91,6 +91,7 @@ def test_gpu_check_dry_run_exercises_every_step_on_a_cpu(tmp_path):
         assert f"{step} exit 0" in (tmp_path / name).read_text(), (tmp_path / name).read_text()[-2000:]
     assert "backends" in (tmp_path / "environment.txt").read_text()
     assert json.loads((tmp_path / "bench_gpu.json").read_text())["records"][0]["op"] == "copy"
+    assert "0 records; max spills: 0" in (tmp_path / "launched.txt").read_text()  # a CPU ran nothing
     bad = subprocess.run(
         ["bash", "bench/gpu_check.sh", "--fast"], cwd=root, env=env, capture_output=True, text=True
     )

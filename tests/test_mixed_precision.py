@@ -23,6 +23,9 @@ CASES = {
     "bert": (tiny_bert, sequence_classification_row_loss, token_batch),
 }
 BF16_RTOL = 4e-2  # bf16 keeps 8 mantissa bits (unit roundoff 2^-9); a few dozen of them per step
+# The Triton kernels also round the fp32 adapter factors and the row factors to bf16 for the
+# tensor cores (as eager bf16 LoRA does); the eager reference keeps its products in fp32.
+BF16_RTOL_KERNELS = 8e-2
 
 
 def _igu(factory, **overrides):
@@ -49,7 +52,7 @@ def test_bf16_autocast_step_matches_the_fp32_step(case, scoring, backend, monkey
             continue  # no IG buffers on a plain step
         assert all(v.dtype == torch.float32 for v in result.values())  # adapters stay fp32
         error = relative_error(result, reference)
-        assert 0 < error < BF16_RTOL  # > 0: the base really ran in bf16
+        assert 0 < error < (BF16_RTOL if backend == "eager" else BF16_RTOL_KERNELS)  # > 0: bf16 ran
 
 
 def _scaled_run(scaler, steps=6, overflow_at=None):
