@@ -61,6 +61,21 @@ def _mma(a, b, acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _epilogue_tile(src_ptr, M, N, LOAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's [BLOCK_M, BLOCK_N] tile of an M x N output: rows, columns, offsets, bounds
+    mask, and the fp32 accumulator it starts from (the tile of ``src`` with LOAD, else zeros)."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs = rm[:, None] * N + rn[None, :]
+    inside = (rm[:, None] < M) & (rn[None, :] < N)
+    if LOAD:
+        acc = tl.load(src_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    return rm, rn, offs, inside, acc
+
+
+@triton.jit
 def _down_kernel(
     u_ptr,
     a_ptr,
@@ -111,14 +126,7 @@ def _up_kernel(
     grid: (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N))   block: y[BLOCK_M, BLOCK_N].
     """
     dt = y_ptr.dtype.element_ty
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs = rm[:, None] * N + rn[None, :]
-    inside = (rm[:, None] < M) & (rn[None, :] < N)
-    if HAS_BASE:
-        acc = tl.load(base_ptr + offs, mask=inside, other=0.0).to(tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    rm, rn, offs, inside, acc = _epilogue_tile(base_ptr, M, N, HAS_BASE, BLOCK_M, BLOCK_N)
     cs = tl.load(c_ptr + rm // per_row, mask=rm < M, other=0.0) * scaling
     for j0 in tl.static_range(0, R_PAD, R_STEP):
         rj = j0 + tl.arange(0, R_STEP)
@@ -198,14 +206,7 @@ def _dx_kernel(
     grid: (cdiv(M, BLOCK_M), cdiv(K, BLOCK_K))   block: dx[BLOCK_M, BLOCK_K].
     """
     dt = dx_ptr.dtype.element_ty
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs = rm[:, None] * K + rk[None, :]
-    inside = (rm[:, None] < M) & (rk[None, :] < K)
-    if ACCUMULATE:
-        acc = tl.load(dx_ptr + offs, mask=inside, other=0.0).to(tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    rm, rk, offs, inside, acc = _epilogue_tile(dx_ptr, M, K, ACCUMULATE, BLOCK_M, BLOCK_K)
     for j0 in tl.static_range(0, R_PAD, R_STEP):
         rj = j0 + tl.arange(0, R_STEP)
         g = tl.load(g_ptr + rm[:, None] * R_PAD + rj[None, :], mask=rm[:, None] < M, other=0.0)
