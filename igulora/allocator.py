@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import igu_kernels
+from igulora.compaction import scatter_ranks, take_ranks
 from igulora.config import IGULoraConfig
 from igulora.distributed import all_reduce_mean, full_tensor
 from igulora.ig import ADAPTER_PARAMS, adapter_layers
@@ -27,7 +28,7 @@ class RankAllocator:
         self.config = config
         self.layers: dict[str, IGULoraLinear] = dict(sorted(adapter_layers(model).items()))
         costs = {name: self.triplet_cost(layer) for name, layer in self.layers.items()}
-        self.init_budget = sum(layer.r * costs[name] for name, layer in self.layers.items())
+        self.init_budget = sum(layer.init_r * costs[name] for name, layer in self.layers.items())
         self.target_budget = sum(config.target_r * cost for cost in costs.values())
         self.ibar: dict[str, torch.Tensor] = {}
         self.ubar: dict[str, torch.Tensor] = {}
@@ -143,7 +144,8 @@ class RankAllocator:
 
     @property
     def rank_pattern(self) -> dict[str, list[bool]]:
-        return {name: layer.rank_mask.tolist() for name, layer in self.layers.items()}
+        """Kept triplets of every layer in the ``init_r`` layout (compaction does not show)."""
+        return {name: layer.full_rank_mask().tolist() for name, layer in self.layers.items()}
 
     @torch.no_grad()
     def mask_to_budget(self, budget: int) -> dict[str, list[bool]]:
@@ -151,7 +153,9 @@ class RankAllocator:
 
         Triplets are ranked by score with a stable sort, so ties never prune more than asked:
         in triplets exactly ``min(budget, total)`` are kept; in parameters the longest prefix of
-        the ranking that fits.
+        the ranking that fits. In ``prune_mode="mask"`` only active triplets are candidates: a
+        pruned triplet never returns (its frozen weights are stale, and the SNR of its decaying
+        EMAs falls only like 1/t), which is what makes compaction exact.
         """
         scores = self.triplet_scores()
         if not scores:
@@ -159,10 +163,15 @@ class RankAllocator:
         names = list(self.layers)
         flat = torch.cat([scores[n].float().cpu() for n in names])
         costs = torch.cat([torch.full((self.layers[n].r,), self.triplet_cost(self.layers[n])) for n in names])
+        if self.config.prune_mode == "mask":
+            active = torch.cat([self.layers[n].rank_mask.cpu() for n in names])
+            flat, costs = flat[active], costs[active]
         order = torch.sort(flat, descending=True, stable=True).indices
         n_keep = int((costs[order].cumsum(0) <= budget).sum())
         keep = torch.zeros_like(flat, dtype=torch.bool)
         keep[order[:n_keep]] = True
+        if self.config.prune_mode == "mask":
+            keep = torch.zeros_like(active).masked_scatter_(active, keep)
         for name, mask in zip(names, keep.split([self.layers[n].r for n in names])):
             self.layers[name].rank_mask.copy_(mask)
         self._apply_zero_mode()
@@ -195,18 +204,36 @@ class RankAllocator:
         self._apply_zero_mode()
         return None
 
-    # -- state ------------------------------------------------------------------------------
+    # -- compaction and state ---------------------------------------------------------------
+
+    def take_ranks(self, name: str, keep: torch.Tensor) -> None:
+        """Keep physical ranks ``keep`` of layer ``name`` in the EMAs and scores."""
+        for param in ADAPTER_PARAMS:
+            key = f"{name}.{param}"
+            for table in (self.ibar, self.ubar, self.scores):
+                if key in table:
+                    table[key] = take_ranks(table[key], param, keep)
+
+    def _full_layout(self, table: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {}
+        for key, value in table.items():
+            name, param = key.rsplit(".", 1)
+            layer = self.layers[name]
+            out[key] = scatter_ranks(value, param, layer.rank_index, layer.init_r)
+        return out
 
     def state_dict(self) -> dict:
+        """EMAs in the ``init_r`` layout of every layer (ranks compacted away are zeros)."""
         return {
-            "ibar": {k: v.clone() for k, v in self.ibar.items()},
-            "ubar": {k: v.clone() for k, v in self.ubar.items()},
+            "ibar": self._full_layout(self.ibar),
+            "ubar": self._full_layout(self.ubar),
             "num_updates": self.num_updates,
             "skipped_updates": self.skipped_updates,
             "budget": self.budget,
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore a :meth:`state_dict` into layers in the ``init_r`` layout (not compacted)."""
         expected = {
             f"{n}.{p}": getattr(layer, p).shape for n, layer in self.layers.items() for p in ADAPTER_PARAMS
         }

@@ -32,8 +32,13 @@ class IGULoraConfig:
     ``ig_every`` optimizer steps on ``ig_fraction`` of the batch (``stochastic`` draws its nodes
     from a ``stochastic_grid``-interval trapezoid grid).
 
-    ``prune_mode="mask"`` multiplies E by a rank mask (pruned triplets get no gradient);
-    ``"zero"`` zeroes pruned singular values in place like AdaLoRA (they may grow back).
+    ``prune_mode="mask"`` multiplies E by a rank mask (pruned triplets get no gradient and never
+    return); ``"zero"`` zeroes pruned singular values in place like AdaLoRA (they may grow back).
+    ``compact``: remove pruned triplets from the parameters, the optimizer state and the EMAs
+    after each allocation, so that steps get cheaper as the budget falls. ``None`` (default): on
+    where it is exact (mask mode, no orthogonality term, an optimizer passed to
+    ``update_and_allocate`` whose state is elementwise, no FSDP2), masking otherwise; ``True``:
+    the same, with a warning when it cannot; ``False``: always mask.
     ``init="adalora"``: E = 0, A, B ~ N(0, 0.02); ``"lora"``: B = 0, A Kaiming-uniform, E = 1.
     """
 
@@ -46,6 +51,7 @@ class IGULoraConfig:
     lora_dropout: float = 0.0
     init: str = "adalora"  # the LoRA-like start is unstable at 6 ranks (docs/results.md)
     prune_mode: str = "mask"
+    compact: bool | None = None
     total_step: int | None = None
     tinit: int = 0
     tfinal: int = 0
@@ -116,6 +122,8 @@ class IGULoraConfig:
             fail("score_eps", "must be >= 0")
         if self.orth_reg_weight < 0:
             fail("orth_reg_weight", "must be >= 0")
+        if self.compact not in (None, True, False):
+            fail("compact", "must be None (on where exact), True or False")
 
     @property
     def scaling(self) -> float:

@@ -144,7 +144,7 @@ def run_demo(
         loss = igu.training_loss(batch, distillation_row_loss)
         loss.backward()
         optimizer.step()
-        igu.update_and_allocate(step)
+        igu.update_and_allocate(step, optimizer=optimizer)
         optimizer.zero_grad()
         metrics.log(allocation_metrics(igu, step, float(igu.last_loss)))
         bar.set_postfix(loss=f"{metrics.rows[-1]['loss']:.4f}", ranks=metrics.rows[-1]["active_rank"])

@@ -306,7 +306,7 @@ def run_finetune(args: FinetuneArgs) -> dict[str, float]:
             message = f"step {step}: non-finite loss or gradient, optimizer step skipped ({skipped} so far)"
             warnings.warn(message, RuntimeWarning, stacklevel=2)
         scheduler.step()
-        igu.update_and_allocate(step)
+        igu.update_and_allocate(step, optimizer=optimizer)
         optimizer.zero_grad()
         row = allocation_metrics(igu, step, float(igu.last_loss))
         if evals and args.eval_every and (step + 1) % args.eval_every == 0:

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 import igu_kernels
+from igulora.compaction import replace_data, scatter_ranks, slice_parameter
+from igulora.distributed import full_tensor
 
 
 @dataclass
@@ -55,6 +57,9 @@ class IGULoraLinear(nn.Module):
     ``lora_A`` (r x in), ``lora_E`` (r), ``lora_B`` (out x r) are trainable; ``rank_mask`` (r,
     bool buffer) marks kept triplets. The adapter is kept in fp32 (fp64 for an fp64 base) and
     accumulates in it, whatever the base dtype; its output is cast back to the base's dtype.
+
+    ``r`` is the physical rank: ``init_r`` until :meth:`compact_` removes pruned triplets;
+    ``rank_index`` holds the ``init_r``-layout index of each physical rank.
     """
 
     def __init__(
@@ -77,13 +82,14 @@ class IGULoraLinear(nn.Module):
         self.fan_in_fan_out = _is_conv1d(base_layer)
         weight = base_layer.weight
         in_features, out_features = linear_features(base_layer)
-        self.in_features, self.out_features, self.r = in_features, out_features, r
+        self.in_features, self.out_features, self.r, self.init_r = in_features, out_features, r, r
         dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32  # 4/8-bit: fp32
         factory = {"device": weight.device, "dtype": dtype}
         self.lora_A = nn.Parameter(torch.empty(r, in_features, **factory))
         self.lora_E = nn.Parameter(torch.empty(r, **factory))
         self.lora_B = nn.Parameter(torch.empty(out_features, r, **factory))
         self.register_buffer("rank_mask", torch.ones(r, dtype=torch.bool, device=weight.device))
+        self.register_buffer("rank_index", torch.arange(r, device=weight.device), persistent=False)
         self.scaling = lora_alpha / r
         self.hard_mask = hard_mask
         self.dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
@@ -112,6 +118,41 @@ class IGULoraLinear(nn.Module):
     @property
     def active_rank(self) -> int:
         return int(self.rank_mask.sum())
+
+    def full_rank_mask(self) -> torch.Tensor:
+        """The rank mask in the ``init_r`` layout (compacted-away ranks are pruned)."""
+        full = torch.zeros(self.init_r, dtype=torch.bool, device=self.rank_mask.device)
+        return full.index_copy_(0, self.rank_index, self.rank_mask)
+
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """The adapter's state in the ``init_r`` layout (ranks compacted away are zeros); whole
+        tensors under FSDP2 (a collective there: every rank calls it)."""
+        state = {
+            p: scatter_ranks(full_tensor(getattr(self, p).detach()), p, self.rank_index, self.init_r)
+            for p in ("lora_A", "lora_E", "lora_B")
+        }
+        return {**state, "rank_mask": self.full_rank_mask()}
+
+    @torch.no_grad()
+    def compact_(self, keep: torch.Tensor, optimizer=None) -> None:
+        """Keep physical ranks ``keep`` (indices), in place on the same Parameters, slicing their
+        gradients and ``optimizer``'s state with them."""
+        for name in ("lora_A", "lora_E", "lora_B"):
+            slice_parameter(getattr(self, name), name, keep, optimizer)
+        self.rank_mask = self.rank_mask[keep]
+        self.rank_index = self.rank_index[keep]
+        self.r = keep.numel()
+
+    @torch.no_grad()
+    def expand_(self) -> None:
+        """Back to all ``init_r`` ranks (those compacted away are zeros and pruned)."""
+        for name, value in self.full_state().items():
+            if name == "rank_mask":
+                self.rank_mask = value
+            else:
+                replace_data(getattr(self, name), value)
+        self.rank_index = torch.arange(self.init_r, device=self.rank_mask.device)
+        self.r = self.init_r
 
     def forward_mask(self) -> torch.Tensor | None:
         """The mask the forward applies: the rank mask, or None when pruning zeroes E instead."""
@@ -161,7 +202,7 @@ class IGULoraLinear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.merged or not self.adapter_enabled or self.node_scale == 0.0:
+        if self.merged or not self.adapter_enabled or self.node_scale == 0.0 or self.r == 0:
             return self.base_layer(x, *args, **kwargs)
         u = self.dropout(x)
         plan = self.row_plan
@@ -191,5 +232,5 @@ class IGULoraLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in={self.in_features}, out={self.out_features}, r={self.r}, "
-            f"active_rank={self.active_rank}, scaling={self.scaling:g}"
+            f"active_rank={self.active_rank}, init_r={self.init_r}, scaling={self.scaling:g}"
         )

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from igulora.allocator import RankAllocator
+from igulora.compaction import rebuild_ddp, unknown_optimizer
 from igulora.config import IGULoraConfig
 from igulora.distributed import full_tensor, is_main_process
 from igulora.ig import (
@@ -47,7 +49,7 @@ class IGUModel(nn.Module):
         loss = igu.training_loss(batch)        # batched IG on scoring steps, + orth. regulariser
         loss.backward()
         optimizer.step()
-        igu.update_and_allocate(step)          # scores and, on schedule, prunes ranks
+        igu.update_and_allocate(step, optimizer=optimizer)  # scores, prunes, compacts
         optimizer.zero_grad()
     """
 
@@ -81,6 +83,8 @@ class IGUModel(nn.Module):
         self._allocation_calls = 0
         self._probe_version = self._adapter_version()
         self._updates_seen = 0
+        self._ddp: nn.parallel.DistributedDataParallel | None = None  # seen by training_loss
+        self._compaction_off: str | None = None  # why compaction stopped for this run
         self.train(model.training)
         # Advertise the wrapped model's forward signature (Trainer keeps only the batch columns
         # that forward accepts).
@@ -170,7 +174,9 @@ class IGUModel(nn.Module):
     @property
     def module_shapes(self) -> dict[str, list[int]]:
         """``[in_features, out_features, init_r]`` of every adapter, as a save records them."""
-        return {n: [layer.in_features, layer.out_features, layer.r] for n, layer in self.adapters.items()}
+        return {
+            n: [layer.in_features, layer.out_features, layer.init_r] for n, layer in self.adapters.items()
+        }
 
     @property
     def rank_pattern(self) -> dict[str, list[bool]]:
@@ -218,6 +224,7 @@ class IGUModel(nn.Module):
         ``module`` is what ``row_loss_fn`` calls: this model (default) or a wrapper of it (DDP).
         """
         module = self if module is None else module
+        self._ddp = module if isinstance(module, nn.parallel.DistributedDataParallel) else None
         set_row_plan(self.model, None)  # the previous scoring step's backward is done
         if self.is_scoring_step():
             c = self.config
@@ -245,23 +252,75 @@ class IGUModel(nn.Module):
         step: int,
         grad_scaler: torch.amp.GradScaler | None = None,
         *,
+        optimizer: torch.optim.Optimizer | None = None,
         loss_scale: float = 1.0,
         step_skipped: bool = False,
     ) -> dict[str, list[bool]] | None:
         """Call after ``optimizer.step()`` with the 0-based optimizer step.
 
-        With fp16 and a ``torch.amp.GradScaler``, pass it and call this after
-        ``scaler.step(optimizer)`` and before ``scaler.update()``: the IG buffers carry the loss
-        scale as ``.grad`` does and are unscaled by it, and a step the scaler skips (inf/NaN)
-        skips the score update too. ``loss_scale`` / ``step_skipped`` say the same for loops that
-        read them elsewhere (``IGUTrainer`` does).
+        ``optimizer``: the optimizer stepping the adapters; with it, pruned ranks are compacted
+        away (``IGULoraConfig.compact``), its per-parameter state sliced with them. With fp16 and
+        a ``torch.amp.GradScaler``, pass it and call this after ``scaler.step(optimizer)`` and
+        before ``scaler.update()``: the IG buffers carry the loss scale as ``.grad`` does and are
+        unscaled by it, and a step the scaler skips (inf/NaN) skips the score update too.
+        ``loss_scale`` / ``step_skipped`` say the same for loops that read them elsewhere
+        (``IGUTrainer`` does).
         """
         if grad_scaler is not None:
             loss_scale, step_skipped = scaler_state(grad_scaler)
         set_row_plan(self.model, None)
         self._allocation_calls += 1
         self.step = step + 1
-        return self.allocator.update_and_allocate(step, loss_scale, step_skipped)
+        pattern = self.allocator.update_and_allocate(step, loss_scale, step_skipped)
+        if pattern is not None:
+            self._compact(optimizer)
+        return pattern
+
+    # -- compaction -------------------------------------------------------------------------
+
+    def _compaction_blocker(self, optimizer, restoring: bool) -> tuple[str | None, bool]:
+        """(why compaction cannot run now, whether to warn about it), None when it can."""
+        c = self.config
+        explicit = c.compact is True
+        if c.compact is False:
+            return "compact=False", False
+        if c.prune_mode != "mask":
+            return "prune_mode='zero' lets pruned triplets return", explicit
+        if c.orth_reg_weight > 0:
+            return "the orthogonality term reaches every rank, pruned or not", explicit
+        if optimizer is None and not restoring:
+            return "update_and_allocate was given no optimizer= to slice the state of", explicit
+        if any(hasattr(layer.lora_A, "full_tensor") for layer in self.adapters.values()):
+            return "FSDP2 shards the adapters (a DTensor cannot be sliced in place)", True
+        if restoring:
+            return None, False
+        why = unknown_optimizer(optimizer)
+        return (why, True) if why else (None, False)
+
+    def _compact(self, optimizer=None, restoring: bool = False) -> None:
+        """Remove pruned triplets from every adapter (exact in mask mode; docs/design.md)."""
+        if self._compaction_off:
+            return
+        why, warn = self._compaction_blocker(optimizer, restoring)
+        if why:
+            if warn:
+                warnings.warn(
+                    f"IGU-LoRA: pruned ranks stay masked, not compacted, for this run: {why}",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            self._compaction_off = why
+            return
+        changed = False
+        for name, layer in self.adapters.items():
+            if bool(layer.rank_mask.all()):
+                continue
+            keep = layer.rank_mask.nonzero().flatten()
+            self.allocator.take_ranks(name, keep)
+            layer.compact_(keep, optimizer)
+            changed = True
+        if changed and self._ddp is not None:
+            rebuild_ddp(self._ddp)
 
     @torch.no_grad()
     def merge_and_unload(self) -> nn.Module:
@@ -345,9 +404,8 @@ class IGUModel(nn.Module):
         peft_config, peft_tensors = self.peft_export()
         state = {}
         for name, layer in self.adapters.items():
-            for key, value in layer.state_dict().items():
-                if not key.startswith("base_layer."):
-                    state[f"adapter.{name}.{key}"] = full_tensor(value)
+            for key, value in layer.full_state().items():
+                state[f"adapter.{name}.{key}"] = value
         alloc = self.allocator.state_dict()
         state.update({f"ibar.{k}": v for k, v in alloc["ibar"].items()})
         state.update({f"ubar.{k}": v for k, v in alloc["ubar"].items()})
@@ -363,6 +421,7 @@ class IGUModel(nn.Module):
             "step": self.step,
             "allocator": {k: alloc[k] for k in ("num_updates", "skipped_updates", "budget")},
             "modules": self.module_shapes,
+            "compacted": any(layer.r < layer.init_r for layer in self.adapters.values()),
         }
         write_safetensors(directory / IGU_STATE, state)
         write_json(directory / IGU_CONFIG, meta)
@@ -411,10 +470,11 @@ class IGUModel(nn.Module):
 
     @torch.no_grad()
     def _restore(self, meta: dict, state: dict[str, torch.Tensor]) -> None:
+        """Load a save (in the ``init_r`` layout) and compact as the saved run had."""
         for name, layer in self.adapters.items():
-            for key, target in layer.state_dict().items():
-                if not key.startswith("base_layer."):
-                    target.copy_(state[f"adapter.{name}.{key}"])
+            layer.expand_()
+            for key in ("lora_A", "lora_E", "lora_B", "rank_mask"):
+                getattr(layer, key).copy_(state[f"adapter.{name}.{key}"])
         for name in self.saved_module_names:
             module = self.model.get_submodule(name)
             module.load_state_dict({k: state[f"saved.{name}.{k}"] for k in module.state_dict()})
@@ -426,6 +486,9 @@ class IGUModel(nn.Module):
         self._allocation_calls = self.step
         if "node_generator" in state:
             self._node_generator.set_state(state["node_generator"])
+        self._compaction_off = None
+        if meta.get("compacted"):  # as the saved run was, so that its optimizer state fits
+            self._compact(restoring=True)
 
 
 def scaler_state(grad_scaler: torch.amp.GradScaler) -> tuple[float, bool]:

@@ -16,7 +16,8 @@ from igulora.model import IGUModel
 class IGUCallback(TrainerCallback):
     """Scores and reallocates ranks after every optimizer step (before gradients are zeroed,
     which the ``gradient`` rule needs). Gradient accumulation is handled: IG adds up over the
-    micro-batches of a step and is consumed once.
+    micro-batches of a step and is consumed once. The Trainer's optimizer is passed on, so that
+    pruned ranks are compacted away with its state.
 
     fp16: ``loss_scale`` is the GradScaler's scale of this step's backward (set by
     ``IGUTrainer.compute_loss``: by now Accelerate has updated the scale), and a step Accelerate
@@ -29,7 +30,9 @@ class IGUCallback(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         skipped = bool(getattr(optimizer, "step_was_skipped", False))
-        self.igu.update_and_allocate(state.global_step, loss_scale=self.loss_scale, step_skipped=skipped)
+        self.igu.update_and_allocate(
+            state.global_step, optimizer=optimizer, loss_scale=self.loss_scale, step_skipped=skipped
+        )
 
 
 class IGUTrainer(Trainer):

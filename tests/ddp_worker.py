@@ -20,7 +20,8 @@ def config():
 
 
 def train(rank: int, world: int, module_wrapper=None) -> dict:
-    """Train on this rank's slice of each global batch; returns masks and adapter weights."""
+    """Train on this rank's slice of each global batch; returns masks, adapter weights (compacted
+    to the active ranks) and the physical ranks."""
     igu = get_igu_model(tiny_bert(torch.float64, seed=5), config())
     igu.train()
     module = module_wrapper(igu) if module_wrapper else igu
@@ -33,10 +34,11 @@ def train(rank: int, world: int, module_wrapper=None) -> dict:
         }
         igu.training_loss(batch, module=module).backward()
         optimizer.step()
-        igu.update_and_allocate(step)
+        igu.update_and_allocate(step, optimizer=optimizer)  # compacts: DDP is rebuilt in place
         optimizer.zero_grad()
     weights = {n: p.detach().clone() for n, p in igu.named_parameters() if p.requires_grad}
-    return {"pattern": igu.rank_pattern, "weights": weights}
+    physical = {n: layer.r for n, layer in igu.adapters.items()}
+    return {"pattern": igu.rank_pattern, "weights": weights, "physical_ranks": physical}
 
 
 def run(rank: int, world: int, port: int, out_dir: str, launcher: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -22,7 +23,8 @@ def config(**overrides) -> IGULoraConfig:
 
 
 def train(rank: int, world: int, shard: bool, save_dir: str | None = None, **overrides) -> dict:
-    """Train a tiny Llama on this rank's slice of each global batch; masks and full weights."""
+    """Train a tiny Llama on this rank's slice of each global batch; masks, full weights and the
+    warnings raised (FSDP2 keeps pruned ranks masked, and says so)."""
     from torch.distributed.fsdp import fully_shard
 
     igu = get_igu_model(tiny_llama(torch.float64, seed=5), config(**overrides))
@@ -33,24 +35,27 @@ def train(rank: int, world: int, shard: bool, save_dir: str | None = None, **ove
     igu.train()
     optimizer = torch.optim.AdamW([p for p in igu.parameters() if p.requires_grad], lr=1e-2)
     per_rank = GLOBAL_BATCH // world
-    for step in range(STEPS):
-        # No padding: every rank averages over as many tokens, so the mean of the ranks' token
-        # means is the global token mean (as with DDP).
-        batch = token_batch(GLOBAL_BATCH, 6, seed=step)
-        batch = {
-            k: batch[k][rank * per_rank : (rank + 1) * per_rank] for k in ("input_ids", "attention_mask")
-        }
-        igu.training_loss(batch, causal_lm_row_loss).backward()
-        optimizer.step()
-        igu.update_and_allocate(step)
-        optimizer.zero_grad()
+    with warnings.catch_warnings(record=True) as raised:
+        warnings.simplefilter("always")
+        for step in range(STEPS):
+            # No padding: every rank averages over as many tokens, so the mean of the ranks' token
+            # means is the global token mean (as with DDP).
+            batch = token_batch(GLOBAL_BATCH, 6, seed=step)
+            batch = {
+                k: batch[k][rank * per_rank : (rank + 1) * per_rank] for k in ("input_ids", "attention_mask")
+            }
+            igu.training_loss(batch, causal_lm_row_loss).backward()
+            optimizer.step()
+            igu.update_and_allocate(step, optimizer=optimizer)
+            optimizer.zero_grad()
     if save_dir is not None:
         igu.save_pretrained(save_dir)
     weights = {}
     for name, p in igu.named_parameters():
         if p.requires_grad:
             weights[name] = (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
-    return {"pattern": igu.rank_pattern, "weights": weights}
+    messages = [str(w.message) for w in raised if "not compacted" in str(w.message)]
+    return {"pattern": igu.rank_pattern, "weights": weights, "compaction_warnings": messages}
 
 
 def run(rank: int, world: int, port: int, out_dir: str, head: bool = False) -> None:

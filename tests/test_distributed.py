@@ -25,8 +25,11 @@ def test_two_process_run_matches_a_single_process_run(tmp_path, launcher):
     single = train(rank=0, world=1)
     kept = sum(map(sum, single["pattern"].values()))
     assert kept == 2 * len(single["pattern"]) < 4 * len(single["pattern"])
+    assert single["physical_ranks"] == {n: sum(m) for n, m in single["pattern"].items()}  # compacted
+    assert 0 in single["physical_ranks"].values()  # an empty adapter, which DDP must leave out
     for result in ranks:
         assert result["pattern"] == single["pattern"]
+        assert result["physical_ranks"] == single["physical_ranks"]
         for name, value in single["weights"].items():
             torch.testing.assert_close(result["weights"][name], value, rtol=1e-9, atol=1e-12, msg=name)
 
@@ -38,10 +41,13 @@ def test_fsdp2_two_process_run_matches_a_single_process_run(tmp_path):
 
     mp.spawn(fsdp_worker.run, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    single = fsdp_worker.train(rank=0, world=1, shard=False, save_dir=str(tmp_path / "single"))
+    # FSDP2 keeps pruned ranks masked (with one warning per process): so does the reference run.
+    single = fsdp_worker.train(rank=0, world=1, shard=False, save_dir=str(tmp_path / "single"), compact=False)
     kept = sum(map(sum, single["pattern"].values()))
     assert kept == 2 * len(single["pattern"])
+    assert single["compaction_warnings"] == []
     for result in ranks:
+        assert len(result["compaction_warnings"]) == 1 and "FSDP2" in result["compaction_warnings"][0]
         assert result["pattern"] == single["pattern"]
         assert result["weights"].keys() == single["weights"].keys()
         for name, value in single["weights"].items():

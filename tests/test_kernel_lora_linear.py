@@ -169,3 +169,14 @@ def test_plain_forward_matches_reference(masked):
 @pytest.mark.parametrize("base", ["delta", "output", "weight"])
 def test_kernel_on_gpu(shape, masked, dtype, base):
     _check(_case(shape, masked, dtype, device="cuda"), dtype, base=base)
+
+
+@pytest.mark.parametrize("impl", [reference, lora_linear], ids=["eager", "triton"])
+def test_an_adapter_compacted_to_no_ranks_is_the_base(impl):
+    u = torch.randn(2, 3, 33, requires_grad=True)
+    base = torch.randn(2, 3, 17)
+    A, E, B = (torch.zeros(*s, requires_grad=True) for s in ((0, 33), (0,), (17, 0)))
+    y = impl.adapted_linear(u, base, A, E, B, None, 0.5)
+    assert torch.equal(y, base)
+    y.sum().backward()
+    assert u.grad.abs().max() == 0 and A.grad.shape == (0, 33) and B.grad.shape == (17, 0)

@@ -55,6 +55,7 @@ def test_trainer_allocates_every_step_and_accumulation_matches_a_big_batch(tmp_p
     big = _train(tmp_path / "b", batch_size=8, accumulation=1)
     assert accumulated.step == STEPS and accumulated.allocator.num_updates == STEPS - 2
     assert sum(accumulated.active_ranks.values()) == 2 * len(accumulated.adapters)
+    assert {n: layer.r for n, layer in accumulated.adapters.items()} == accumulated.active_ranks  # compacted
     assert accumulated.rank_pattern == big.rank_pattern
     for (name, p), q in zip(accumulated.named_parameters(), big.parameters()):
         if p.requires_grad:
