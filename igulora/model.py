@@ -273,7 +273,7 @@ class IGUModel(nn.Module):
         self.step = step + 1
         pattern = self.allocator.update_and_allocate(step, loss_scale, step_skipped)
         if pattern is not None:
-            self._compact(optimizer)
+            self.compact(optimizer)
         return pattern
 
     # -- compaction -------------------------------------------------------------------------
@@ -297,8 +297,10 @@ class IGUModel(nn.Module):
         why = unknown_optimizer(optimizer)
         return (why, True) if why else (None, False)
 
-    def _compact(self, optimizer=None, restoring: bool = False) -> None:
-        """Remove pruned triplets from every adapter (exact in mask mode; docs/design.md)."""
+    def compact(self, optimizer=None, restoring: bool = False) -> None:
+        """Remove pruned triplets from every adapter now, slicing ``optimizer``'s state with them
+        (what ``update_and_allocate`` does after each allocation; exact in mask mode, docs/design.md).
+        ``restoring``: no optimizer state exists yet (a model being loaded)."""
         if self._compaction_off:
             return
         why, warn = self._compaction_blocker(optimizer, restoring)
@@ -488,7 +490,7 @@ class IGUModel(nn.Module):
             self._node_generator.set_state(state["node_generator"])
         self._compaction_off = None
         if meta.get("compacted"):  # as the saved run was, so that its optimizer state fits
-            self._compact(restoring=True)
+            self.compact(restoring=True)
 
 
 def scaler_state(grad_scaler: torch.amp.GradScaler) -> tuple[float, bool]:

@@ -96,3 +96,22 @@ def test_gpu_check_dry_run_exercises_every_step_on_a_cpu(tmp_path):
         ["bash", "bench/gpu_check.sh", "--fast"], cwd=root, env=env, capture_output=True, text=True
     )
     assert bad.returncode == 2 and "usage" in bad.stderr
+
+
+def test_compaction_bench_compares_what_each_method_keeps(tmp_path):
+    """bench/compaction.py on a tiny Llama: the compacted run trains and stores for its kept
+    ranks only (as many as LoRA at r = target_r, spread unevenly), the masked run for init_r."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import compaction
+
+    assert compaction.main(["--models", "tiny", "--rounds", "1", "--json", str(tmp_path / "c.json")]) == 0
+    records = {r["method"]: r for r in json.loads((tmp_path / "c.json").read_text())["records"]}
+    compacted, masked = records["igu compacted"], records["igu masked"]
+    adalora = records["adalora (PEFT)"]
+    assert masked["trainable_params"] == adalora["trainable_params"]  # both hold init_r = 32 ranks
+    assert compacted["trainable_params"] < masked["trainable_params"] / 2  # 8 of 32 kept on average
+    ratio = compacted["optimizer_state_mb"] / masked["optimizer_state_mb"]  # AdamW: 2 per parameter
+    assert ratio == pytest.approx(compacted["trainable_params"] / masked["trainable_params"])
+    assert all(r["median_ms_per_step"] > 0 for r in records.values())

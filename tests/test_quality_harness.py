@@ -157,7 +157,7 @@ def test_each_method_trains_its_adapters_and_ends_within_the_budget(method, tiny
         }
         loss_fn(batch).backward()
         optimizer.step()
-        after_step(step)
+        after_step(step, optimizer)
         optimizer.zero_grad()
     ranks = glue.active_ranks(module)
     assert len(ranks) == 2 * 6  # 6 encoder linears per layer, the pooler excluded

@@ -116,20 +116,21 @@ def minilm_path() -> str:
 
 
 def build(method: str, model, args: FinetuneArgs, total_step: int):
-    """(module, loss_fn(batch), after_step(step)) for one method, on the same backbone."""
+    """(module, loss_fn(batch), after_step(step, optimizer)) for one method, on the same backbone
+    (IGU-LoRA's after_step compacts pruned ranks away with the optimizer's state)."""
     if method == "igu":
         igu = get_igu_model(model, igu_config(args, model))
         return (
             igu,
             lambda batch: igu.training_loss(batch, sequence_classification_row_loss),
-            igu.update_and_allocate,
+            lambda step, optimizer: igu.update_and_allocate(step, optimizer=optimizer),
         )
     from peft import AdaLoraConfig, LoraConfig, get_peft_model
 
     common = dict(target_modules=ENCODER_LINEARS, modules_to_save=["classifier"], lora_dropout=0.0)
     if method == "lora":
         peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=16, **common))
-        return peft_model, lambda batch: peft_model(**batch).loss, lambda step: None
+        return peft_model, lambda batch: peft_model(**batch).loss, lambda step, optimizer: None
     config = AdaLoraConfig(
         init_r=6,
         target_r=2,
@@ -147,7 +148,8 @@ def build(method: str, model, args: FinetuneArgs, total_step: int):
     # (added only in AdaLoraModel.forward) never enters the loss. Every recorded AdaLoRA run
     # trained this way; tests/test_quality_harness.py checks it.
     peft_model = get_peft_model(model, config)
-    return peft_model, lambda batch: peft_model(**batch).loss, peft_model.base_model.update_and_allocate
+    allocate = peft_model.base_model.update_and_allocate
+    return peft_model, lambda batch: peft_model(**batch).loss, lambda step, optimizer: allocate(step)
 
 
 def run_args(task: str, total_step: int, **overrides) -> FinetuneArgs:
@@ -204,7 +206,7 @@ def train_one(spec: dict) -> dict:
         loss.backward()
         optimizer.step()
         scheduler.step()
-        after_step(step)
+        after_step(step, optimizer)
         optimizer.zero_grad()
         step_seconds.append(time.perf_counter() - start)
         losses.append(float(getattr(module, "last_loss", loss)))  # IGU: the training rows' loss

@@ -46,7 +46,7 @@ def measure(weight: float, steps: int, train, tokenizer) -> dict[str, float]:
         loss_fn(batches(step)).backward()
         optimizer.step()
         scheduler.step()
-        after_step(step)
+        after_step(step, optimizer)
         optimizer.zero_grad()
         losses.append(float(igu.last_loss))
     igu.config.orth_reg_weight = 0.0  # the next gradient is the task's alone

@@ -72,7 +72,7 @@ def main() -> None:
             for i, batch in enumerate(block):
                 loss_fn(batch).backward()
                 optimizer.step()
-                after_step(first + BLOCK * r + i)
+                after_step(first + BLOCK * r + i, optimizer)
                 optimizer.zero_grad()
             if r:
                 seconds[name].append((time.perf_counter() - start) / BLOCK)
