@@ -101,10 +101,7 @@ def test_gpu_check_dry_run_exercises_every_step_on_a_cpu(tmp_path):
 def test_compaction_bench_compares_what_each_method_keeps(tmp_path):
     """bench/compaction.py on a tiny Llama: the compacted run trains and stores for its kept
     ranks only (as many as LoRA at r = target_r, spread unevenly), the masked run for init_r."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    import compaction
+    from bench import compaction
 
     assert compaction.main(["--models", "tiny", "--rounds", "1", "--json", str(tmp_path / "c.json")]) == 0
     records = {r["method"]: r for r in json.loads((tmp_path / "c.json").read_text())["records"]}
