@@ -212,13 +212,19 @@ def sst2_wall() -> list[dict]:
         }
         cmd = [sys.executable, str(glue), "one", json.dumps(spec)]
         runs[method] = (time.time(), subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True))
+    ended: dict[str, float] = {}
+    while len(ended) < len(runs):  # each run's own end (its output is one line: no pipe stall)
+        for method, (_, process) in runs.items():
+            if method not in ended and process.poll() is not None:
+                ended[method] = time.time()
+        time.sleep(0.2)
     records = []
     for method, (started, process) in runs.items():
         out, _ = process.communicate()
         if process.returncode:
             raise RuntimeError(f"the SST-2 {method} run failed ({process.returncode})")
         record = json.loads(out.strip().splitlines()[-1])
-        record["wall_s"] = time.time() - started
+        record["wall_s"] = ended[method] - started
         records.append({k: record[k] for k in ("method", "steps", "wall_s", "median_step_s", "dev_accuracy")})
     igu, adalora = records
     print(
@@ -229,17 +235,25 @@ def sst2_wall() -> list[dict]:
     return records
 
 
+COLUMNS = (
+    "model",
+    "method",
+    "median ms/step",
+    "x LoRA r=8",
+    "x AdaLoRA",
+    "AdamW state MB",
+    "trainable params",
+)
+
+
 def table(records: list[dict]) -> str:
-    lines = [
-        "| model | method | median ms/step | x LoRA r=8 | x AdaLoRA | AdamW state MB | trainable params |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for r in records:
-        lines.append(
-            f"| {r['model']} | {r['method']} | {r['median_ms_per_step']:.1f} | {r['x_lora']:.2f} | "
-            f"{r['x_adalora']:.2f} | {r['optimizer_state_mb']:.2f} | {r['trainable_params']:,} |"
-        )
-    return "\n".join(lines)
+    def cells(r: dict) -> tuple[str, ...]:
+        numbers = (r["median_ms_per_step"], r["x_lora"], r["x_adalora"], r["optimizer_state_mb"])
+        return (r["model"], r["method"], *(f"{x:.1f}" if x > 100 else f"{x:.2f}" for x in numbers),
+                f"{r['trainable_params']:,}")  # fmt: skip
+
+    rows = [COLUMNS, ("---", "---", *["---:"] * 5), *map(cells, records)]
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
 def main(argv: list[str] | None = None) -> int:
