@@ -145,7 +145,10 @@ class IGULoraLinear(nn.Module):
 
     @torch.no_grad()
     def expand_(self) -> None:
-        """Back to all ``init_r`` ranks (those compacted away are zeros and pruned)."""
+        """Back to all ``init_r`` ranks (those compacted away are zeros and pruned); a no-op on a
+        layer that was never compacted (its parameters are left untouched)."""
+        if self.r == self.init_r:
+            return
         for name, value in self.full_state().items():
             if name == "rank_mask":
                 self.rank_mask = value
