@@ -134,9 +134,9 @@ def _lora(op: str, u: torch.Tensor, A: torch.Tensor) -> ModuleType:
 
 
 def fuses_base(u: torch.Tensor, A: torch.Tensor) -> bool:
-    """Whether ``lora_linear`` runs on the Triton kernels for these tensors: then handing it the
-    base weight instead of the base output saves a pass over the input gradient."""
-    return _lora("lora_linear", u, A) is not reference
+    """Whether ``adapted_linear`` runs on the Triton kernels for these tensors: then handing it
+    the base weight instead of the base output saves a pass over the input gradient."""
+    return _lora("adapted_linear", u, A) is not reference
 
 
 def adapted_linear(
@@ -154,10 +154,14 @@ def adapted_linear(
     check_lora_inputs(u, A, E, B, mask, rows)
     expected = (*u.shape[:-1], B.shape[0])
     if base is None and weight is None:
-        raise ValueError("igu_kernels.lora_linear: give the base output (base=) or the base weight (weight=)")
+        raise ValueError(
+            "igu_kernels.adapted_linear: give the base output (base=) or the base weight (weight=)"
+        )
     if base is not None and tuple(base.shape) != expected:
-        raise ValueError(f"igu_kernels.lora_linear: base has shape {tuple(base.shape)}, expected {expected}")
-    return _lora("lora_linear", u, A).adapted_linear(
+        raise ValueError(
+            f"igu_kernels.adapted_linear: base has shape {tuple(base.shape)}, expected {expected}"
+        )
+    return _lora("adapted_linear", u, A).adapted_linear(
         u,
         base,
         A,

@@ -522,20 +522,9 @@ class TritonLoraLinearFunction(torch.autograd.Function):
             )
             db = torch.empty(sets, chunks_b, N, r_pad, **f32)
             _GRAD_B[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), chunks_b)](
-                gy2,
-                h,
-                compact.E,
-                c,
-                tc,
-                ic,
-                db,
-                M,
-                N,
-                per_row,
-                HAS_IG=has_ig,
-                R_PAD=r_pad,
+                gy2, h, compact.E, c, tc, ic, db, M, N, per_row, HAS_IG=has_ig, R_PAD=r_pad,
                 PRECISION=precision,
-            )
+            )  # fmt: skip
             da, db = da.sum(1), db.sum(1) * s  # chunk order fixed: deterministic
             idx, r = compact.index, compact.r
             dA[idx] = da[0, :r].to(dA.dtype)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import igu_kernels
-from igulora.compaction import replace_data, scatter_ranks, slice_parameter
+from igulora.compaction import RANK_DIM, replace_data, scatter_ranks, slice_parameter
 from igulora.distributed import full_tensor
 
 
@@ -129,7 +129,7 @@ class IGULoraLinear(nn.Module):
         tensors under FSDP2 (a collective there: every rank calls it)."""
         state = {
             p: scatter_ranks(full_tensor(getattr(self, p).detach()), p, self.rank_index, self.init_r)
-            for p in ("lora_A", "lora_E", "lora_B")
+            for p in RANK_DIM
         }
         return {**state, "rank_mask": self.full_rank_mask()}
 
@@ -137,7 +137,7 @@ class IGULoraLinear(nn.Module):
     def compact_(self, keep: torch.Tensor, optimizer=None) -> None:
         """Keep physical ranks ``keep`` (indices), in place on the same Parameters, slicing their
         gradients and ``optimizer``'s state with them."""
-        for name in ("lora_A", "lora_E", "lora_B"):
+        for name in RANK_DIM:
             slice_parameter(getattr(self, name), name, keep, optimizer)
         self.rank_mask = self.rank_mask[keep]
         self.rank_index = self.rank_index[keep]

@@ -475,7 +475,7 @@ class IGUModel(nn.Module):
         """Load a save (in the ``init_r`` layout) and compact as the saved run had."""
         for name, layer in self.adapters.items():
             layer.expand_()
-            for key in ("lora_A", "lora_E", "lora_B", "rank_mask"):
+            for key in (*ADAPTER_PARAMS, "rank_mask"):
                 getattr(layer, key).copy_(state[f"adapter.{name}.{key}"])
         for name in self.saved_module_names:
             module = self.model.get_submodule(name)

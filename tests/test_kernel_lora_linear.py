@@ -143,7 +143,7 @@ def test_split_targets_two_programs_per_sm_at_8k_tokens(monkeypatch):
 def test_ranks_above_the_audited_tiles_run_on_the_reference(monkeypatch):
     monkeypatch.setenv("IGULORA_BACKEND", "triton")
     u, A = torch.zeros(2, 3), torch.zeros(lora_linear.MAX_RANK + 1, 3)
-    assert dispatch._lora("lora_linear", u, A) is reference
+    assert dispatch._lora("adapted_linear", u, A) is reference
     assert dispatch.fuses_base(u, A[: lora_linear.MAX_RANK])
 
 
@@ -180,3 +180,11 @@ def test_an_adapter_compacted_to_no_ranks_is_the_base(impl):
     assert torch.equal(y, base)
     y.sum().backward()
     assert u.grad.abs().max() == 0 and A.grad.shape == (0, 33) and B.grad.shape == (17, 0)
+
+
+def test_adapted_linear_names_a_missing_or_misshapen_base():
+    u, A, E, B = torch.zeros(2, 3, 5), torch.zeros(2, 5), torch.zeros(2), torch.zeros(7, 2)
+    with pytest.raises(ValueError, match="give the base output"):
+        dispatch.adapted_linear(u, None, A, E, B, None, 1.0)
+    with pytest.raises(ValueError, match=r"base has shape \(2, 3, 6\), expected \(2, 3, 7\)"):
+        dispatch.adapted_linear(u, torch.zeros(2, 3, 6), A, E, B, None, 1.0)
