@@ -29,7 +29,7 @@ class RankAllocator:
         self.layers: dict[str, IGULoraLinear] = dict(sorted(adapter_layers(model).items()))
         costs = {name: self.triplet_cost(layer) for name, layer in self.layers.items()}
         self.init_budget = sum(layer.init_r * costs[name] for name, layer in self.layers.items())
-        self.target_budget = sum(config.target_r * cost for cost in costs.values())
+        self.target_budget = round(sum(config.target_r * cost for cost in costs.values()))
         self.ibar: dict[str, torch.Tensor] = {}
         self.ubar: dict[str, torch.Tensor] = {}
         self.scores: dict[str, torch.Tensor] = {}

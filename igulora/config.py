@@ -23,8 +23,9 @@ class IGULoraConfig:
     output head). ``exclude_modules`` uses the same syntax. ``modules_to_save`` stay trainable.
     Each adapter starts at ``init_r`` ranks with scale ``lora_alpha / init_r`` (never rescaled).
 
-    Budget (AdaLoRA's cubic schedule): ``init_r`` per layer for ``tinit`` steps, down to
-    ``target_r`` per layer at step ``total_step - tfinal``, masks frozen for the last ``tfinal``
+    Budget (AdaLoRA's cubic schedule): ``init_r`` per layer for ``tinit`` steps, down to an
+    average of ``target_r`` per layer (a float: 0.5 keeps half as many triplets as layers) at step
+    ``total_step - tfinal``, masks frozen for the last ``tfinal``
     steps; reallocation every ``delta_t`` steps. ``budget_unit`` counts triplets or parameters.
 
     Score: EMAs of |IG| (``beta1``) and of its deviation (``beta2``), combined as ``snr``
@@ -46,7 +47,7 @@ class IGULoraConfig:
     exclude_modules: list[str] | str | None = None
     modules_to_save: list[str] | None = None
     init_r: int = 12
-    target_r: int = 8
+    target_r: float = 8
     lora_alpha: float = 32.0
     lora_dropout: float = 0.0
     init: str = "adalora"  # the LoRA-like start is unstable at 6 ranks (docs/results.md)
@@ -84,8 +85,10 @@ class IGULoraConfig:
             fail("target_modules", "must be a non-empty list of names, a regex or 'all-linear'")
         if not isinstance(self.init_r, int) or self.init_r < 1:
             fail("init_r", "must be an integer >= 1")
-        if not isinstance(self.target_r, int) or not 0 <= self.target_r <= self.init_r:
-            fail("target_r", f"must be an integer in [0, init_r={self.init_r}]")
+        if isinstance(self.target_r, bool) or not isinstance(self.target_r, (int, float)):
+            fail("target_r", f"must be a number in [0, init_r={self.init_r}]")
+        if not 0 <= self.target_r <= self.init_r:
+            fail("target_r", f"must be in [0, init_r={self.init_r}] (an average rank per layer)")
         if not self.lora_alpha > 0:
             fail("lora_alpha", "must be > 0")
         if not 0.0 <= self.lora_dropout < 1.0:

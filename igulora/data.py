@@ -33,10 +33,17 @@ def _format_of(path: Path, fmt: str) -> str:
     return by_suffix[path.suffix.lower()]
 
 
-def _records(path: Path, fmt: str) -> list[dict[str, str]]:
+def _lines(path: Path, encoding: str) -> list[str]:
+    """The file's lines, split on newlines only (``str.splitlines`` also splits on characters such
+    as U+0085, which latin-1 text holds inside sentences)."""
+    with open(path, encoding=encoding) as f:
+        return [line.rstrip("\n") for line in f]
+
+
+def _records(path: Path, fmt: str, encoding: str) -> list[dict[str, str]]:
     if fmt == "jsonl":
         records = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for number, line in enumerate(_lines(path, encoding), 1):
             if line.strip():
                 try:
                     records.append(json.loads(line))
@@ -44,13 +51,13 @@ def _records(path: Path, fmt: str) -> list[dict[str, str]]:
                     raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
         return records
     if fmt in ("csv", "tsv"):
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding=encoding) as f:
             return list(csv.DictReader(f, delimiter="," if fmt == "csv" else "\t"))
     records = []  # label-text: "<label> <text>" per line (the SST-2 files of shared/data)
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(_lines(path, encoding), 1):
         if line.strip():
-            label, _, text = line.partition(" ")
-            if not text:
+            label, space, text = line.partition(" ")
+            if not space:  # an empty text after the label is an example (CR has four)
                 raise DataError(f"{path}:{number}: expected '<label> <text>'")
             records.append({"label": label, "text": text})
     return records
@@ -64,14 +71,20 @@ def load_examples(
     text_column: str = "text",
     text_pair_column: str | None = None,
     label_column: str = "label",
+    encoding: str = "utf-8",
 ) -> list[Example]:
-    """Read ``path`` into examples; classification needs integer labels."""
+    """Read ``path`` (text in ``encoding``) into examples; classification needs integer labels."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
     if data_format not in FORMATS:
         raise DataError(f"--data-format {data_format!r} is not one of {', '.join(FORMATS)}")
-    records = _records(path, _format_of(path, data_format))
+    try:
+        records = _records(path, _format_of(path, data_format), encoding)
+    except UnicodeDecodeError as error:
+        raise DataError(
+            f"{path}: not valid {encoding} ({error.reason} at byte {error.start}); pass its encoding"
+        ) from None
     if not records:
         raise DataError(f"{path}: no examples")
     wanted = [text_column] + ([text_pair_column] if text_pair_column else [])

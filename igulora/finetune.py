@@ -53,6 +53,7 @@ class FinetuneArgs:
     text_column: str = "text"
     text_pair_column: str | None = None
     label_column: str = "label"
+    encoding: str = "utf-8"  # of the data files
     batch_size: int = 32
     max_length: int = 64
     group_by_length: bool = False  # batches of similar length (less padding), as HF's Trainer
@@ -62,7 +63,7 @@ class FinetuneArgs:
     exclude_modules: str | None = None
     init: str = IGULoraConfig.init
     init_r: int = 6
-    target_r: int = 2
+    target_r: float = 2  # average final rank per adapted layer
     lora_alpha: float = 48.0
     rule: str = IGULoraConfig.ig_rule  # the scoring knobs default to the library's
     ig_steps: int = IGULoraConfig.ig_steps
@@ -262,6 +263,7 @@ def run_finetune(args: FinetuneArgs) -> dict[str, float]:
         text_column=args.text_column,
         text_pair_column=args.text_pair_column,
         label_column=args.label_column,
+        encoding=args.encoding,
     )
     train = load_examples(args.data, **load)
     evals = load_examples(args.eval_data, **load) if args.eval_data else []

