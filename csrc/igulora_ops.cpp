@@ -1,8 +1,9 @@
 // CPU ops of igulora (ATen + OpenMP through at::parallel_for), registered as torch.ops.igulora.*.
 //
-//   score_update_(ig, ibar!, ubar!, score!, beta1, beta2, eps, snr) -> ()
+//   score_update_(ig, ibar!, ubar!, score!, beta1, beta2, eps, mode) -> ()
 //       One pass over memory per element: I = |ig|, Ibar <- b1 Ibar + (1-b1) I,
-//       Ubar <- b2 Ubar + (1-b2) |I - Ibar|, score = (Ibar+eps)/(Ubar+eps) or Ibar*Ubar.
+//       Ubar <- b2 Ubar + (1-b2) |I - Ibar|, score by mode (igulora.config.SCORES):
+//       0 snr (Ibar+eps)/(Ubar+eps), 1 product Ibar*Ubar, 2 stable_magnitude Ibar^2/(Ibar+Ubar+eps).
 //       Ibar, Ubar and score are written in place (no allocation); math in fp32 (fp64 for fp64
 //       state).
 //   triplet_scores(score_A, score_E, score_B) -> S
@@ -30,7 +31,7 @@ void check_state(const at::Tensor& t, const char* name, const at::Tensor& like) 
 }
 
 // The per-element loop, specialised on the score so the compiler vectorises a branch-free body.
-template <bool SNR, typename S, typename G>
+template <int MODE, typename S, typename G>
 void score_update_loop(const G* __restrict__ ig, S* __restrict__ ibar, S* __restrict__ ubar, S* __restrict__ score,
                        int64_t begin, int64_t end, double beta1, double beta2, double eps_) {
   using A = acc_t<S>;
@@ -43,23 +44,34 @@ void score_update_loop(const G* __restrict__ ig, S* __restrict__ ibar, S* __rest
     const A ub = b2 * static_cast<A>(ubar[i]) + c2 * std::abs(imp - ib);
     ibar[i] = static_cast<S>(ib);
     ubar[i] = static_cast<S>(ub);
-    score[i] = static_cast<S>(SNR ? (ib + eps) / (ub + eps) : ib * ub);
+    A value;
+    if constexpr (MODE == 0)
+      value = (ib + eps) / (ub + eps);
+    else if constexpr (MODE == 1)
+      value = ib * ub;
+    else
+      value = ib * ib / (ib + ub + eps);
+    score[i] = static_cast<S>(value);
   }
 }
 
 template <typename S, typename G>
 void score_update_kernel(const G* ig, S* ibar, S* ubar, S* score, int64_t n, double beta1, double beta2,
-                         double eps, bool snr) {
+                         double eps, int64_t mode) {
   at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-    if (snr)
-      score_update_loop<true>(ig, ibar, ubar, score, begin, end, beta1, beta2, eps);
+    if (mode == 0)
+      score_update_loop<0>(ig, ibar, ubar, score, begin, end, beta1, beta2, eps);
+    else if (mode == 1)
+      score_update_loop<1>(ig, ibar, ubar, score, begin, end, beta1, beta2, eps);
     else
-      score_update_loop<false>(ig, ibar, ubar, score, begin, end, beta1, beta2, eps);
+      score_update_loop<2>(ig, ibar, ubar, score, begin, end, beta1, beta2, eps);
   });
 }
 
 void score_update_(const at::Tensor& ig_in, at::Tensor& ibar, at::Tensor& ubar, at::Tensor& score, double beta1,
-                   double beta2, double eps, bool snr) {
+                   double beta2, double eps, int64_t mode) {
+  TORCH_CHECK(mode >= 0 && mode <= 2, "igulora::score_update_: mode must be 0 (snr), 1 (product) or 2 "
+              "(stable_magnitude), got ", mode);
   TORCH_CHECK(ig_in.device().is_cpu(), "igulora::score_update_: ig must be a CPU tensor, got ", ig_in.device());
   check_state(ibar, "ibar", ig_in);
   check_state(ubar, "ubar", ig_in);
@@ -74,7 +86,7 @@ void score_update_(const at::Tensor& ig_in, at::Tensor& ibar, at::Tensor& ubar, 
     using S = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, ig.scalar_type(), "score_update_ig", [&] {
       score_update_kernel<S, scalar_t>(ig.data_ptr<scalar_t>(), ibar.data_ptr<S>(), ubar.data_ptr<S>(),
-                                       score.data_ptr<S>(), n, beta1, beta2, eps, snr);
+                                       score.data_ptr<S>(), n, beta1, beta2, eps, mode);
     });
   });
 }
@@ -115,7 +127,7 @@ at::Tensor triplet_scores(const at::Tensor& score_A_in, const at::Tensor& score_
 
 TORCH_LIBRARY(igulora, m) {
   m.def("score_update_(Tensor ig, Tensor(a!) ibar, Tensor(b!) ubar, Tensor(c!) score, float beta1, float beta2, "
-        "float eps, bool snr) -> ()");
+        "float eps, int mode) -> ()");
   m.def("triplet_scores(Tensor score_A, Tensor score_E, Tensor score_B) -> Tensor");
 }
 

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from igu_kernels.reference import SCORES
+
 
 def _source() -> Path:
     """The copy inside the package (a wheel install: setup.py puts it there), else csrc/ of the
@@ -196,7 +198,7 @@ def _register_fakes() -> None:
     """Shape-only implementations, so torch.compile and meta tensors can trace through the ops."""
 
     @torch.library.register_fake("igulora::score_update_")
-    def _(ig, ibar, ubar, score, beta1, beta2, eps, snr):
+    def _(ig, ibar, ubar, score, beta1, beta2, eps, mode):
         return None
 
     @torch.library.register_fake("igulora::triplet_scores")
@@ -206,7 +208,7 @@ def _register_fakes() -> None:
 
 def score_update(ig, ibar, ubar, *, beta1, beta2, score, eps, out=None):
     out = torch.empty_like(ibar) if out is None else out
-    torch.ops.igulora.score_update_(ig, ibar, ubar, out, beta1, beta2, eps, score == "snr")
+    torch.ops.igulora.score_update_(ig, ibar, ubar, out, beta1, beta2, eps, SCORES.index(score))
     return out
 
 

@@ -17,6 +17,10 @@ from igu_kernels.amp import autocast_off
 Tensor = torch.Tensor
 
 
+# Element scores; the Triton and C++ ops take the index into this tuple.
+SCORES = ("snr", "product", "stable_magnitude")
+
+
 def compute_dtype(*tensors: Tensor) -> torch.dtype:
     """fp32 for fp32/fp16/bf16 inputs, fp64 when any input is fp64."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
@@ -159,8 +163,7 @@ def score_update(
     """One scoring step for one tensor, EMAs updated in place (method.md, section 3).
 
     ``I = |ig|``; ``Ibar <- b1 Ibar + (1-b1) I``; ``Ubar <- b2 Ubar + (1-b2) |I - Ibar|``;
-    returns ``(Ibar + eps) / (Ubar + eps)`` for ``snr`` or ``Ibar * Ubar`` for ``product``
-    (written into ``out`` when given).
+    returns the element score of :func:`element_score` (written into ``out`` when given).
     """
     importance = ig.abs().to(ibar.dtype)
     ibar.mul_(beta1).add_((1 - beta1) * importance)
@@ -169,9 +172,15 @@ def score_update(
 
 
 def element_score(ibar: Tensor, ubar: Tensor, *, score: str, eps: float, out: Tensor | None = None) -> Tensor:
+    """``snr`` (IGU-LoRA): ``(Ibar + eps) / (Ubar + eps)``, blind to scale; ``product``
+    (AdaLoRA): ``Ibar * Ubar``, which rewards noise; ``stable_magnitude``:
+    ``Ibar^2 / (Ibar + Ubar + eps)``, the magnitude shrunk by the share of noise in it
+    (``Ibar * SNR / (1 + SNR)``): Ibar for a steady element, Ibar / 2 when Ubar = Ibar."""
     if score == "snr":
         return torch.div(ibar + eps, ubar + eps, out=out)
-    return torch.mul(ibar, ubar, out=out)
+    if score == "product":
+        return torch.mul(ibar, ubar, out=out)
+    return torch.div(ibar * ibar, ibar + ubar + eps, out=out)
 
 
 def triplet_scores(score_A: Tensor, score_E: Tensor, score_B: Tensor) -> Tensor:

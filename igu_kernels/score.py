@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from igu_kernels.reference import SCORES
+
 BLOCK = 1024
 
 # The launch space igu_kernels.audit compiles (every pointer is fp32, as checked below).
@@ -18,7 +20,7 @@ ACTIVATION_DTYPES = ("fp32",)
 ACTIVATION_PTRS = ()
 FLOAT_ARGS = ("beta1", "beta2", "one_minus_beta1", "one_minus_beta2", "eps")
 GPU_CONSTEXPRS = {
-    "SNR": (False, True),
+    "SCORE": (0, 1, 2),
     "_score_update_kernel.BLOCK": (BLOCK,),
     "_triplet_kernel.BLOCK": (256,),
 }
@@ -37,10 +39,11 @@ def _score_update_kernel(
     one_minus_beta1,
     one_minus_beta2,
     eps,
-    SNR: tl.constexpr,
+    SCORE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """I = |ig|; Ibar <- b1 Ibar + (1-b1) I; Ubar <- b2 Ubar + (1-b2) |I - Ibar|; score.
+    """I = |ig|; Ibar <- b1 Ibar + (1-b1) I; Ubar <- b2 Ubar + (1-b2) |I - Ibar|; the score
+    SCORE (an index of igulora.config.SCORES: snr, product, stable_magnitude).
 
     1 - beta arrives precomputed in double (rounded once to fp32), as eager PyTorch forms it.
 
@@ -55,10 +58,12 @@ def _score_update_kernel(
     )
     tl.store(ibar_ptr + offs, ibar, mask=mask)
     tl.store(ubar_ptr + offs, ubar, mask=mask)
-    if SNR:
+    if SCORE == 0:
         score = (ibar + eps) / (ubar + eps)
-    else:
+    elif SCORE == 1:
         score = ibar * ubar
+    else:
+        score = ibar * ibar / (ibar + ubar + eps)
     tl.store(score_ptr + offs, score, mask=mask)
 
 
@@ -103,7 +108,7 @@ def score_update(ig, ibar, ubar, *, beta1, beta2, score, eps, out=None):
     n = ibar.numel()
     if n:
         _score_update_kernel[(triton.cdiv(n, BLOCK),)](
-            ig, ibar, ubar, out, n, beta1, beta2, 1.0 - beta1, 1.0 - beta2, eps, score == "snr", BLOCK
+            ig, ibar, ubar, out, n, beta1, beta2, 1.0 - beta1, 1.0 - beta2, eps, SCORES.index(score), BLOCK
         )
     return out
 

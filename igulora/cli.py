@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     }
     for f in fields(FinetuneArgs):
         if f.name not in given:
-            kind = float if f.type == "float" else int if f.type == "int" else str
+            kind = {"float": float, "int": int, "int | str": _int_or_auto}.get(f.type, str)
             tune.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default)
 
     bench = commands.add_parser("bench", help="run the benchmark harness (bench/run.py)")
@@ -90,6 +90,11 @@ def _bench(bench_args: list[str]) -> None:
         raise CliError(f"{BENCH} not found: 'igulora bench' needs the source checkout (pip install -e .)")
     sys.argv = [str(BENCH), *bench_args]
     runpy.run_path(str(BENCH), run_name="__main__")
+
+
+def _int_or_auto(value: str) -> int | str:
+    """``--ig-steps``: a node count or ``auto``."""
+    return value if value == "auto" else int(value)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,9 +6,9 @@ import json
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from igu_kernels.reference import SCORES
 from igulora.quadrature import RULES
 
-SCORES = ("snr", "product")
 BUDGET_UNITS = ("triplets", "parameters")
 PRUNE_MODES = ("mask", "zero")
 INITS = ("adalora", "lora")
@@ -29,9 +29,14 @@ class IGULoraConfig:
     steps; reallocation every ``delta_t`` steps. ``budget_unit`` counts triplets or parameters.
 
     Score: EMAs of |IG| (``beta1``) and of its deviation (``beta2``), combined as ``snr``
-    (IGU-LoRA) or ``product`` (AdaLoRA). IG: ``ig_rule`` with ``ig_steps`` nodes, computed every
-    ``ig_every`` optimizer steps on ``ig_fraction`` of the batch (``stochastic`` draws its nodes
-    from a ``stochastic_grid``-interval trapezoid grid).
+    (IGU-LoRA), ``product`` (AdaLoRA) or ``stable_magnitude`` (``Ibar^2 / (Ibar + Ubar)``: both
+    magnitude and stability; ``igu_kernels.reference.element_score``). IG: ``ig_rule`` with
+    ``ig_steps`` nodes, computed every ``ig_every`` optimizer steps on ``ig_fraction`` of the
+    batch (``stochastic`` draws its nodes from a ``stochastic_grid``-interval trapezoid grid).
+    ``ig_steps="auto"`` (Gauss-Legendre) raises or lowers the node count between scoring steps,
+    up to ``ig_max_steps``, to keep the relative completeness residual under ``ig_tolerance``
+    (:mod:`igulora.node_budget`); ``ig_residual=True`` computes and logs that residual with a
+    fixed count too.
 
     ``prune_mode="mask"`` multiplies E by a rank mask (pruned triplets get no gradient and never
     return); ``"zero"`` zeroes pruned singular values in place like AdaLoRA (they may grow back).
@@ -66,7 +71,10 @@ class IGULoraConfig:
     # (docs/results.md). method.md's per-adapter mean: PEFT's w per matrix is igulora's w / 2.
     orth_reg_weight: float = 0.0
     ig_rule: str = "gauss_legendre"  # defaults from docs/results.md (IG accuracy study)
-    ig_steps: int = 3
+    ig_steps: int | str = 3  # or "auto"
+    ig_tolerance: float = 0.1
+    ig_max_steps: int = 8
+    ig_residual: bool = False
     ig_every: int = 2  # with ig_fraction: the IG cost, see docs/results.md (step cost)
     ig_fraction: float = 0.125
     stochastic_grid: int = 20
@@ -116,9 +124,24 @@ class IGULoraConfig:
         for name in ("beta1", "beta2"):
             if not 0.0 < getattr(self, name) < 1.0:
                 fail(name, "must be in (0, 1)")
-        for name in ("delta_t", "ig_steps", "ig_every", "stochastic_grid"):
+        auto = self.ig_steps == "auto"
+        if not auto and (isinstance(self.ig_steps, bool) or not isinstance(self.ig_steps, int)):
+            fail("ig_steps", "must be an integer >= 1 or 'auto'")
+        for name in ("delta_t", "ig_every", "stochastic_grid", "ig_max_steps") + (
+            () if auto else ("ig_steps",)
+        ):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 fail(name, "must be an integer >= 1")
+        if auto and self.ig_rule != "gauss_legendre":
+            fail("ig_steps", f"'auto' chooses Gauss-Legendre node counts; ig_rule={self.ig_rule!r}")
+        if self.ig_residual and self.ig_rule not in ("gauss_legendre", "riemann_middle"):
+            fail(
+                "ig_residual",
+                f"needs every node on the IG rows (gauss_legendre, riemann_middle); ig_rule="
+                f"{self.ig_rule!r} evaluates its alpha = 1 node on the training batch",
+            )
+        if not self.ig_tolerance > 0:
+            fail("ig_tolerance", "must be > 0")
         if not 0.0 < self.ig_fraction <= 1.0:
             fail("ig_fraction", "must be in (0, 1]")
         if self.score_eps < 0:
@@ -127,6 +150,11 @@ class IGULoraConfig:
             fail("orth_reg_weight", "must be >= 0")
         if self.compact not in (None, True, False):
             fail("compact", "must be None (on where exact), True or False")
+
+    @property
+    def tracks_completeness(self) -> bool:
+        """Whether scoring steps compute the completeness residual."""
+        return self.ig_steps == "auto" or self.ig_residual
 
     @property
     def scaling(self) -> float:

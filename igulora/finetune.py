@@ -66,7 +66,8 @@ class FinetuneArgs:
     target_r: float = 2  # average final rank per adapted layer
     lora_alpha: float = 48.0
     rule: str = IGULoraConfig.ig_rule  # the scoring knobs default to the library's
-    ig_steps: int = IGULoraConfig.ig_steps
+    ig_steps: int | str = IGULoraConfig.ig_steps  # or "auto"
+    ig_tolerance: float = IGULoraConfig.ig_tolerance
     ig_fraction: float = IGULoraConfig.ig_fraction
     ig_every: int = IGULoraConfig.ig_every
     score: str = IGULoraConfig.score
@@ -121,6 +122,7 @@ def igu_config(args: FinetuneArgs, model) -> IGULoraConfig:
         delta_t=max(1, min(10, args.max_steps // 20)),
         ig_rule=args.rule,
         ig_steps=args.ig_steps,
+        ig_tolerance=args.ig_tolerance,
         ig_fraction=args.ig_fraction,
         ig_every=args.ig_every,
         score=args.score,

@@ -7,21 +7,26 @@ from pathlib import Path
 
 from igulora.model import IGUModel
 
-COLUMNS = ("step", "loss", "budget", "active_rank", "mean_score")
+COLUMNS = ("step", "loss", "budget", "active_rank", "mean_score", "ig_nodes", "ig_residual")
 
 
 def allocation_metrics(igu: IGUModel, step: int, loss: float) -> dict[str, float]:
-    """One metrics row: loss, current budget, kept triplets and the mean kept triplet score."""
+    """One metrics row: loss, current budget, kept triplets and the mean kept triplet score; on a
+    scoring step that checked completeness, its node count and relative residual."""
     scores = igu.allocator.layer_scores()
     active = sum(igu.active_ranks.values())
     mean_score = sum(scores.values()) / active if scores and active else 0.0
-    return {
+    row = {
         "step": step,
         "loss": loss,
         "budget": igu.allocator.budget,
         "active_rank": active,
         "mean_score": mean_score,
     }
+    check = igu.last_check
+    if check is not None and check.step == step:
+        row.update(ig_nodes=check.nodes, ig_residual=check.relative_residual)
+    return row
 
 
 class MetricsLogger:

@@ -13,12 +13,13 @@ from torch import nn
 from igulora.allocator import RankAllocator
 from igulora.compaction import rebuild_ddp, unknown_optimizer
 from igulora.config import IGULoraConfig
-from igulora.distributed import full_tensor, is_main_process
+from igulora.distributed import all_reduce_mean, full_tensor, is_main_process
 from igulora.ig import (
     ADAPTER_PARAMS,
     Batch,
     RowLossFn,
     adapter_layers,
+    baseline_loss,
     batched_ig_loss,
     build_node_batch,
     mean_loss,
@@ -27,6 +28,7 @@ from igulora.ig import (
 )
 from igulora.io import write_json, write_safetensors
 from igulora.layer import IGULoraLinear, quantization
+from igulora.node_budget import Completeness, NodeBudget
 from igulora.quadrature import quadrature
 from igulora.save_format import (
     FORMAT_VERSION,
@@ -85,6 +87,10 @@ class IGUModel(nn.Module):
         self._updates_seen = 0
         self._ddp: nn.parallel.DistributedDataParallel | None = None  # seen by training_loss
         self._compaction_off: str | None = None  # why compaction stopped for this run
+        # ig_steps="auto": the node count; checks: this step's L(theta) - L(0) per micro-batch
+        self.node_budget = NodeBudget(config.ig_tolerance, config.ig_max_steps)
+        self._loss_gaps: list[torch.Tensor] = []
+        self.last_check: Completeness | None = None
         self.train(model.training)
         # Advertise the wrapped model's forward signature (Trainer keeps only the batch columns
         # that forward accepts).
@@ -197,6 +203,11 @@ class IGUModel(nn.Module):
             )
         return total / len(self.adapters)
 
+    @property
+    def ig_nodes(self) -> int:
+        """Quadrature nodes of the next scoring step (``ig_steps``, or the ``auto`` count)."""
+        return self.node_budget.nodes if self.config.ig_steps == "auto" else self.config.ig_steps
+
     def is_scoring_step(self) -> bool:
         """Whether this forward evaluates the IG nodes: every ``ig_every`` steps with grad enabled,
         never in the final phase (masks are frozen there)."""
@@ -228,9 +239,15 @@ class IGUModel(nn.Module):
         set_row_plan(self.model, None)  # the previous scoring step's backward is done
         if self.is_scoring_step():
             c = self.config
-            quad = quadrature(c.ig_rule, c.ig_steps, grid=c.stochastic_grid, generator=self._node_generator)
+            quad = quadrature(
+                c.ig_rule, self.ig_nodes, grid=c.stochastic_grid, generator=self._node_generator
+            )
             node_batch = build_node_batch(batch, quad, c.ig_fraction, self._node_generator)
-            loss, train_loss = batched_ig_loss(module, row_loss_fn, node_batch)
+            if c.tracks_completeness:  # before the row plan is installed for the batched backward
+                start = baseline_loss(module, row_loss_fn, node_batch.batch, node_batch.ig_index)
+            loss, train_loss, ig_rows_loss = batched_ig_loss(module, row_loss_fn, node_batch)
+            if c.tracks_completeness:
+                self._loss_gaps.append(ig_rows_loss - start)
             # The value the user sees (logs, the Trainer's loss) is the training loss; the
             # gradient stays the batched one.
             loss = loss - (loss - train_loss).detach()
@@ -271,10 +288,27 @@ class IGUModel(nn.Module):
         set_row_plan(self.model, None)
         self._allocation_calls += 1
         self.step = step + 1
+        self._check_completeness(step, loss_scale, step_skipped)
         pattern = self.allocator.update_and_allocate(step, loss_scale, step_skipped)
         if pattern is not None:
             self.compact(optimizer)
         return pattern
+
+    def _check_completeness(self, step: int, loss_scale: float, step_skipped: bool) -> None:
+        """The scoring step's completeness residual (before the allocator consumes the IG), and
+        the ``auto`` node count it implies. With gradient accumulation each micro-batch's loss is
+        taken to be backpropagated divided by their number (HF Trainer, Accelerate)."""
+        gaps, self._loss_gaps = self._loss_gaps, []
+        layers = list(self.adapters.values())
+        if not gaps or step_skipped or any(layer.ig_buffers is None for layer in layers):
+            return
+        totals = [buf.sum(dtype=torch.float64) for layer in layers for buf in layer.ig_buffers]
+        check = torch.stack([torch.stack(totals).sum() / loss_scale, torch.stack(gaps).double().mean()])
+        all_reduce_mean([check])  # every rank decides on the same numbers
+        nodes = self.ig_nodes
+        self.last_check = Completeness(step, nodes, float(check[0]), float(check[1]))
+        if self.config.ig_steps == "auto":
+            self.node_budget.observe(self.last_check)
 
     # -- compaction -------------------------------------------------------------------------
 
@@ -424,6 +458,7 @@ class IGUModel(nn.Module):
             "allocator": {k: alloc[k] for k in ("num_updates", "skipped_updates", "budget")},
             "modules": self.module_shapes,
             "compacted": any(layer.r < layer.init_r for layer in self.adapters.values()),
+            "node_budget": self.node_budget.state_dict(),
         }
         write_safetensors(directory / IGU_STATE, state)
         write_json(directory / IGU_CONFIG, meta)
@@ -488,6 +523,8 @@ class IGUModel(nn.Module):
         self._allocation_calls = self.step
         if "node_generator" in state:
             self._node_generator.set_state(state["node_generator"])
+        if "node_budget" in meta:
+            self.node_budget.load_state_dict(meta["node_budget"])
         self._compaction_off = None
         if meta.get("compacted"):  # as the saved run was, so that its optimizer state fits
             self.compact(restoring=True)

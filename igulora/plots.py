@@ -76,10 +76,12 @@ def rank_panels(panels: Mapping[str, Mapping[str, int]], path: str | Path) -> Pa
 
 
 def training_curves(rows: Sequence[Mapping[str, float]], path: str | Path) -> Path:
-    """Save loss, budget / active rank and mean triplet score against the step."""
+    """Save loss, budget / active rank and mean triplet score against the step, and the IG node
+    count with its completeness residual where scoring steps checked it."""
     plt = _pyplot()
     steps = [r["step"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    checked = [r for r in rows if r.get("ig_nodes", "") != ""]
+    fig, axes = plt.subplots(1, 4 if checked else 3, figsize=(17 if checked else 13, 3.4))
     axes[0].plot(steps, [r["loss"] for r in rows])
     axes[0].set_title("training loss")
     axes[1].plot(steps, [r["budget"] for r in rows], label="budget")
@@ -88,6 +90,14 @@ def training_curves(rows: Sequence[Mapping[str, float]], path: str | Path) -> Pa
     axes[1].legend()
     axes[2].plot(steps, [r["mean_score"] for r in rows])
     axes[2].set_title("mean triplet score")
+    if checked:
+        check_steps = [r["step"] for r in checked]
+        axes[3].step(check_steps, [r["ig_nodes"] for r in checked], where="post", label="nodes")
+        axes[3].set_ylabel("Gauss-Legendre nodes")
+        residual = axes[3].twinx()
+        residual.semilogy(check_steps, [r["ig_residual"] for r in checked], ".", color="C1", ms=3)
+        residual.set_ylabel("relative completeness residual", color="C1")
+        axes[3].set_title("IG nodes and residual")
     for ax in axes:
         ax.set_xlabel("step")
     path = Path(path)

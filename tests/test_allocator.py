@@ -46,7 +46,12 @@ def test_cubic_budget_schedule():
 
 
 def test_ema_recursions_and_scores_in_closed_form():
-    for score in ("snr", "product"):
+    closed_forms = {
+        "snr": lambda i, u: (i + 1e-3) / (u + 1e-3),
+        "product": lambda i, u: i * u,
+        "stable_magnitude": lambda i, u: i * i / (i + u + 1e-3),
+    }
+    for score, closed_form in closed_forms.items():
         igu = _igu(score=score, beta1=0.7, beta2=0.6, score_eps=1e-3)
         seq = [_random_ig(igu, s) for s in range(3)]
         ibar = {k: torch.zeros_like(v) for k, v in seq[0].items()}
@@ -60,8 +65,7 @@ def test_ema_recursions_and_scores_in_closed_form():
         for k in ibar:
             torch.testing.assert_close(igu.allocator.ibar[k], ibar[k])
             torch.testing.assert_close(igu.allocator.ubar[k], ubar[k])
-            expected = (ibar[k] + 1e-3) / (ubar[k] + 1e-3) if score == "snr" else ibar[k] * ubar[k]
-            torch.testing.assert_close(igu.allocator.scores[k], expected)
+            torch.testing.assert_close(igu.allocator.scores[k], closed_form(ibar[k], ubar[k]))
         triplets = igu.allocator.triplet_scores()
         for name in igu.adapters:
             s = {p: igu.allocator.scores[f"{name}.{p}"] for p in PARAMS}

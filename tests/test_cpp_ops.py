@@ -40,7 +40,7 @@ def _update(impl, ig, ibar, ubar, mode):
 
 
 @pytest.mark.parametrize("n", [0, 1, 33, 65537])
-@pytest.mark.parametrize("mode", ["snr", "product"])
+@pytest.mark.parametrize("mode", ["snr", "product", "stable_magnitude"])
 @pytest.mark.parametrize(
     "state_dtype, ig_dtype",
     [
@@ -62,7 +62,7 @@ def test_score_update_matches_reference(n, mode, state_dtype, ig_dtype, threads)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("mode", ["snr", "product"])
+@pytest.mark.parametrize("mode", ["snr", "product", "stable_magnitude"])
 def test_score_update_is_bitwise_eager(dtype, mode):
     ig, ibar, ubar = _inputs(100_001, dtype, dtype)
     for o, e in zip(_update(cpp, ig, ibar, ubar, mode), _update(reference, ig, ibar, ubar, mode)):

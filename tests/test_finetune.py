@@ -85,7 +85,9 @@ def test_tiny_classification_run_writes_a_peft_adapter(tmp_path, tiny_model_dir)
     assert 0.0 <= final["eval_accuracy"] <= 1.0 and final["step"] == 12
     assert latest_checkpoint(out).name == "checkpoint-8"
     rows = (out / "metrics.csv").read_text().splitlines()
-    assert len(rows) == 13 and rows[0].startswith("step,loss,budget,active_rank,mean_score,eval_accuracy")
+    assert len(rows) == 13 and rows[0].startswith(
+        "step,loss,budget,active_rank,mean_score,ig_nodes,ig_residual,eval_accuracy"
+    )
     assert (out / "rank_heatmap.png").is_file() and (out / "training_curves.png").is_file()
 
     peft = pytest.importorskip("peft")

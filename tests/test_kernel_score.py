@@ -24,7 +24,7 @@ def _update(impl, ig, ibar, ubar, mode):
 
 
 @pytest.mark.parametrize("n", [1, 33, 1025, 4097])
-@pytest.mark.parametrize("mode", ["snr", "product"])
+@pytest.mark.parametrize("mode", ["snr", "product", "stable_magnitude"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_score_update_matches_reference(n, mode, dtype):
     ig, ibar, ubar = _state(n, seed=n)
@@ -58,7 +58,7 @@ def test_triplet_scores_match_reference(r, d_in, d_out):
 
 
 @requires_cuda
-@pytest.mark.parametrize("mode", ["snr", "product"])
+@pytest.mark.parametrize("mode", ["snr", "product", "stable_magnitude"])
 def test_score_update_on_gpu(mode):
     ig, ibar, ubar = _state(1 << 20, seed=0, device="cuda")
     eager = _update(reference, ig.bfloat16(), ibar, ubar, mode)

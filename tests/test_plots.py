@@ -40,7 +40,9 @@ def test_plots_and_metrics_files(tmp_path):
                 "budget": 6 - step,
                 "active_rank": 6 - step,
                 "mean_score": 1.0,
+                **({"ig_nodes": 3, "ig_residual": 0.25} if step % 2 == 0 else {}),  # scoring steps
             }
         )
-    assert (tmp_path / "metrics.csv").read_text().splitlines()[2] == "1,0.5,5,5,1.0"
+    lines = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert lines[1:3] == ["0,1.0,6,6,1.0,3,0.25", "1,0.5,5,5,1.0,,"]
     assert training_curves(logger.rows, tmp_path / "curves.png").stat().st_size

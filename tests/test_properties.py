@@ -56,7 +56,7 @@ def test_triton_low_rank_linear_equals_eager(case):
 
 
 @SETTINGS
-@given(st.integers(0, 3000), st.sampled_from(["snr", "product"]), st.integers(0, 2**16))
+@given(st.integers(0, 3000), st.sampled_from(["snr", "product", "stable_magnitude"]), st.integers(0, 2**16))
 def test_cpp_and_triton_score_updates_equal_eager(n, mode, seed):
     g = torch.Generator().manual_seed(seed)
     ig, ibar, ubar = torch.randn(n, generator=g), torch.rand(n, generator=g), torch.rand(n, generator=g)

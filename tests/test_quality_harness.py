@@ -3,6 +3,7 @@ summarises what the runs measured (synthetic records; no accuracy is judged here
 
 from __future__ import annotations
 
+import os
 import random
 import statistics
 import sys
@@ -109,7 +110,7 @@ def test_the_paired_difference_compares_the_same_seeds_at_each_selected_lr():
     assert mean == pytest.approx(statistics.mean(diffs)) and std == pytest.approx(statistics.stdev(diffs))
 
 
-def _built(method: str, model_dir: Path, steps: int):
+def _built(method: str, model_dir: Path, steps: int, budget: float | None = None):
     from transformers import BertForSequenceClassification
 
     torch.manual_seed(0)
@@ -121,8 +122,9 @@ def _built(method: str, model_dir: Path, steps: int):
         output_dir="unused",
         max_steps=steps,
         exclude_modules="pooler.dense",
+        **glue.method_overrides(method, budget, {}),
     )
-    return glue.build(method, model, args, steps)
+    return glue.build(method, model, args, steps, budget)
 
 
 def test_the_peft_adalora_baseline_has_no_orthogonality_term(tiny_model_dir):
@@ -140,10 +142,31 @@ def test_the_peft_adalora_baseline_has_no_orthogonality_term(tiny_model_dir):
         assert float(loss_fn(batch)) == float(module.get_base_model()(**batch).loss)
 
 
-@pytest.mark.parametrize("method", glue.METHODS)
-def test_each_method_trains_its_adapters_and_ends_within_the_budget(method, tiny_model_dir):
+def test_the_task_typed_adalora_baseline_has_peft_s_orthogonality_term(tiny_model_dir):
+    """'adalora-orth' is what PEFT users get from a task-typed model: the task loss plus
+    orth_reg_weight (0.5) times the mean of ||A A^T - I||_F and ||B^T B - I||_F over matrices."""
+    module, loss_fn, _ = _built("adalora-orth", tiny_model_dir, 12)
+    batch = {"input_ids": torch.randint(1000, 2000, (4, 9)), "labels": torch.tensor([0, 1, 1, 0])}
+    norms = []
+    for name, p in module.named_parameters():
+        if name.endswith(("lora_A.default", "lora_B.default")):
+            p = p.detach()
+            cov = p @ p.T if "lora_A" in name else p.T @ p
+            norms.append(float(torch.linalg.matrix_norm(cov - torch.eye(cov.shape[0]))))
+    assert len(norms) == 2 * 2 * 6
+    with torch.no_grad():
+        task_loss = float(module.get_base_model()(**batch).loss)
+        assert float(loss_fn(batch)) - task_loss == pytest.approx(0.5 * statistics.mean(norms), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("method", "budget"),
+    [(m, None) for m in glue.ALL_METHODS]
+    + [("adalora", 0.5), ("adalora-orth", 0.5), ("igu", 0.5), ("lora", 1.0), ("igu", 1.0)],
+)
+def test_each_method_trains_its_adapters_and_ends_within_the_budget(method, budget, tiny_model_dir):
     steps = 12
-    module, loss_fn, after_step = _built(method, tiny_model_dir, steps)
+    module, loss_fn, after_step = _built(method, tiny_model_dir, steps, budget)
     trainable = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(
         [p for p in module.parameters() if p.requires_grad], lr=1e-2, weight_decay=0
@@ -166,7 +189,69 @@ def test_each_method_trains_its_adapters_and_ends_within_the_budget(method, tiny
         n.split(".lora_")[0] for n in trainable if ".lora_" in n and not torch.equal(trainable[n], now[n])
     }
     assert len(changed) == len(ranks)  # every adapted module trained
+    expected = glue.budget_ranks(budget)
     if method == "lora":
-        assert set(ranks.values()) == {2}
-    else:
-        assert sum(ranks.values()) <= 2 * len(ranks) and max(ranks.values()) <= 6
+        assert set(ranks.values()) == {expected["lora_r"]}
+    else:  # the schedule ends at the budget: the average target rank over the adapted modules
+        assert sum(ranks.values()) == round(expected["target_r"] * len(ranks))
+        assert max(ranks.values()) <= expected["init_r"]
+
+
+def test_the_budget_sweep_searches_first_then_runs_seeds_at_the_selected_lr():
+    budgets, seeds = [0.5, 1.0], [0, 1, 2]
+    todo = glue.sweep_specs([], "sst2", glue.BUDGET_METHODS, budgets, seeds)
+    assert {s["seed"] for s in todo} == {0}  # nothing to select an lr from yet
+    assert {(s["method"], s["budget"]) for s in todo if s["method"] == "lora"} == {("lora", 1.0)}
+    assert len(todo) == len(glue.LR_GRID) * (2 * len(glue.BUDGET_METHODS) - 1)
+    vals = {lr: v for lr, v in zip(glue.LR_GRID, (0.7, 0.9, 0.8))}
+    runs = [
+        {**s, "val_accuracy": vals[s["lr"]], "dev_accuracy": 0.5}
+        for s in todo
+        if (s["method"], s["budget"]) == ("igu", 0.5)
+    ]
+    after = glue.sweep_specs(runs, "sst2", glue.BUDGET_METHODS, budgets, seeds)
+    seeded = [s for s in after if s["seed"] != 0]
+    assert [(s["method"], s["budget"], s["lr"], s["seed"]) for s in seeded] == [
+        ("igu", 0.5, glue.LR_GRID[1], 1),
+        ("igu", 0.5, glue.LR_GRID[1], 2),
+    ]
+    assert not any(glue.run_key(s) in {glue.run_key(r) for r in runs} for s in after)
+    # budget runs stay apart from the 6 -> 2 runs of the same method, lr and seed
+    assert glue.run_key(glue.spec("sst2", "igu", 1e-3, 0)) != glue.run_key(
+        glue.spec("sst2", "igu", 1e-3, 0, budget=2.0)
+    )
+    with pytest.raises(SystemExit, match="incomplete"):
+        glue.selected_lr(runs, "sst2", "igu")  # the 6 -> 2 search is another one
+
+
+def test_a_budget_gives_every_method_the_same_multiple_and_lora_only_uniform_ranks():
+    for budget in glue.BUDGETS:
+        ranks = glue.budget_ranks(budget)
+        assert ranks["init_r"] == glue.INIT_MULTIPLE * budget and ranks["target_r"] == budget
+        assert ranks["lora_r"] == (None if budget < 1 else budget)
+    assert glue.budget_ranks(None) == dict(lora_r=2, init_r=6, target_r=2)
+
+
+@pytest.mark.skipif(not glue.DATA.is_dir(), reason="../shared/data is absent")
+@pytest.mark.parametrize("task", ["subj", "cr"])
+def test_an_unsplit_task_is_carved_into_disjoint_fixed_splits(task):
+    train, val, test = glue.split_train(task)
+    again = glue.split_train(task)
+    assert [e.text for e in again[2]] == [e.text for e in test]  # a fixed seed
+    lines = glue.TASKS[task]["file"].read_text(encoding="latin-1").split("\n")
+    assert len(train) + len(val) + len(test) == sum(1 for line in lines if line.strip())
+    assert len(test) == int(glue.TEST_FRACTION * (len(train) + len(val) + len(test)))
+    ids = [{id(e) for e in split} for split in (train, val, test)]
+    assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
+    assert {e.label for e in test} == {0, 1}
+
+
+def test_a_run_claimed_by_a_live_driver_is_skipped_and_a_dead_one_s_is_taken(tmp_path):
+    runs = tmp_path / "runs.jsonl"
+    one = glue.spec("sst2", "igu", 1e-3, 0, budget=1.0)
+    claim = glue._claim(one, runs)
+    assert claim is not None and glue._held(claim)
+    assert glue._claim(one, runs) is None  # this process is alive
+    claim.write_text("999999999")  # no such process
+    assert not glue._held(claim)
+    assert glue._claim(one, runs) == claim and claim.read_text() == str(os.getpid())

@@ -50,7 +50,7 @@ def test_demo_prunes_to_the_budget_and_saves(tmp_path):
     assert sum(result.allocated.values()) == sum(PLANTED.values())
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     lines = (tmp_path / "metrics.csv").read_text().splitlines()
-    assert lines[0] == "step,loss,budget,active_rank,mean_score" and len(lines) == 31
+    assert lines[0] == "step,loss,budget,active_rank,mean_score,ig_nodes,ig_residual" and len(lines) == 31
     assert (tmp_path / "rank_heatmap.png").stat().st_size > 0
     assert (tmp_path / "training_curves.png").stat().st_size > 0
 

@@ -28,6 +28,8 @@ SETTINGS = {
     "gradient, snr": dict(ig_rule="gradient"),
     "IG, product": dict(score="product"),
     "IGU defaults": {},
+    "IG, stable_magnitude": dict(score="stable_magnitude"),
+    "IG, auto nodes": dict(ig_steps="auto"),
     "orth 0.25 (former default)": dict(orth_reg_weight=0.25),
     "every 1": dict(ig_every=1),
     "fraction 0.25": dict(ig_fraction=0.25),

@@ -103,6 +103,8 @@ ABLATIONS = {
     "gradient-snr": dict(rule="gradient"),
     "gradient-product (AdaLoRA score)": dict(rule="gradient", score="product"),
     "ig-product": dict(score="product"),
+    "ig-stable-magnitude": dict(score="stable_magnitude"),
+    "gl-auto": dict(ig_steps="auto"),  # the node count chosen from the completeness residual
     "gl-1": dict(ig_steps=1),
     "gl-2": dict(ig_steps=2),
     "gl-4": dict(ig_steps=4),
@@ -206,6 +208,17 @@ def build(method: str, model, args: FinetuneArgs, total_step: int, budget: float
     return peft_model, lambda batch: peft_model(**batch).loss, lambda step, optimizer: allocate(step)
 
 
+def method_overrides(method: str, budget: float | None, overrides: dict) -> dict:
+    """FinetuneArgs overrides of a run: a variant's, the budget's ranks, igu-orth's weight."""
+    overrides = dict(overrides)
+    if budget is not None:
+        ranks = budget_ranks(budget)
+        overrides.update(init_r=ranks["init_r"], target_r=budget, lora_alpha=SCALE * ranks["init_r"])
+    if method == "igu-orth":
+        overrides["orth_reg_weight"] = IGU_ORTH_WEIGHT
+    return overrides
+
+
 def run_args(task: str, total_step: int, **overrides) -> FinetuneArgs:
     """The FinetuneArgs of a MiniLM run on ``task`` (the pooler excluded), with ``overrides``."""
     return FinetuneArgs(
@@ -244,12 +257,7 @@ def train_one(spec: dict) -> dict:
     path = minilm_path()
     total_step = spec.get("max_steps") or task["epochs"] * (len(train) // 32)
     budget = spec.get("budget")
-    overrides = dict(spec.get("overrides", {}))
-    if budget is not None:
-        ranks = budget_ranks(budget)
-        overrides.update(init_r=ranks["init_r"], target_r=budget, lora_alpha=SCALE * ranks["init_r"])
-    if spec["method"] == "igu-orth":
-        overrides["orth_reg_weight"] = IGU_ORTH_WEIGHT
+    overrides = method_overrides(spec["method"], budget, spec.get("overrides", {}))
     args = run_args(spec["task"], total_step, seed=spec["seed"], lr=spec["lr"], **overrides)
     torch.manual_seed(spec["seed"])
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -259,7 +267,7 @@ def train_one(spec: dict) -> dict:
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=spec["lr"])
     scheduler = warmup_linear_schedule(optimizer, args)
     batches = Batches(train, tokenizer, args)
-    step_seconds, losses = [], []
+    step_seconds, losses, checks = [], [], []
     for step in range(total_step):
         batch = batches(step)
         start = time.perf_counter()
@@ -270,6 +278,9 @@ def train_one(spec: dict) -> dict:
         after_step(step, optimizer)
         optimizer.zero_grad()
         step_seconds.append(time.perf_counter() - start)
+        check = getattr(module, "last_check", None)
+        if check is not None and check.step == step:  # a scoring step checked completeness
+            checks.append([step, check.nodes, check.ig_total, check.loss_gap])
         losses.append(float(getattr(module, "last_loss", loss)))  # IGU: the training rows' loss
     return {
         **spec,
@@ -281,6 +292,7 @@ def train_one(spec: dict) -> dict:
         "median_step_s": statistics.median(step_seconds),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "active_ranks": active_ranks(module),
+        "ig_checks": checks,  # [step, nodes, sum(IG), L(theta) - L(0)] per checked scoring step
         "igu_config": (
             {k: getattr(module.config, k) for k in IGU_KNOBS} if hasattr(module, "allocator") else None
         ),
@@ -442,6 +454,7 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(ABLATIONS), help="(ablations) which ones")
     parser.add_argument("--seeds", help="comma-separated seeds (default: 1,2 for 'seeds', 0 for 'ablations')")
     parser.add_argument("--lr", type=float, help="(ablations) instead of IGU-LoRA's selected lr")
+    parser.add_argument("--budget", type=float, help="(ablations) at this budget-sweep point")
     parser.add_argument("--runs", type=Path, default=RESULTS / "runs.jsonl")
     args = parser.parse_args()
     if args.methods:
@@ -464,9 +477,10 @@ def main() -> None:
         seeds = [int(s) for s in (args.seeds or "0,1,2").split(",")]
         sweep(args.task, methods, budgets, seeds, args.runs)
     elif args.experiment == "ablations":
-        lr = args.lr or selected_lr(load_runs(args.runs), args.task, "igu")
+        lr = args.lr or selected_lr(load_runs(args.runs), args.task, "igu", args.budget)
         seeds = [int(s) for s in (args.seeds or "0").split(",")]
-        ensure([spec(args.task, "igu", lr, s, v) for s in seeds for v in args.variants.split(",")], args.runs)
+        variants = args.variants.split(",")
+        ensure([spec(args.task, "igu", lr, s, v, args.budget) for s in seeds for v in variants], args.runs)
     else:
         write_report(load_runs(args.runs), RESULTS)
 
