@@ -30,7 +30,8 @@ def layer_grid(values: Mapping[str, float]) -> tuple[list[int], list[str], np.nd
     return layers, kinds, grid
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only, no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -52,7 +53,7 @@ def rank_heatmap(
 
 def rank_panels(panels: Mapping[str, Mapping[str, int]], path: str | Path) -> Path:
     """Save one rank heatmap per ``{title: ranks}`` entry, side by side on one colour scale."""
-    plt = _pyplot()
+    plt = pyplot()
     vmax = max(max(values.values(), default=0) for values in panels.values()) or 1
     layers, kinds, _ = layer_grid(next(iter(panels.values())))
     fig, axes = plt.subplots(
@@ -78,7 +79,7 @@ def rank_panels(panels: Mapping[str, Mapping[str, int]], path: str | Path) -> Pa
 def training_curves(rows: Sequence[Mapping[str, float]], path: str | Path) -> Path:
     """Save loss, budget / active rank and mean triplet score against the step, and the IG node
     count with its completeness residual where scoring steps checked it."""
-    plt = _pyplot()
+    plt = pyplot()
     steps = [r["step"] for r in rows]
     checked = [r for r in rows if r.get("ig_nodes", "") != ""]
     fig, axes = plt.subplots(1, 4 if checked else 3, figsize=(17 if checked else 13, 3.4))

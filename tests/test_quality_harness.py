@@ -83,7 +83,8 @@ def test_report_summarises_dev_over_seeds_at_the_selected_lr(tmp_path):
     runs.append(record("igu", expected["igu"], 0, 0.1, 0.2, variant="every-1"))
     path = report.write_report(runs, tmp_path)
     text = path.read_text()
-    for method, label in report.METHOD_NAMES.items():
+    for method in glue.METHODS:
+        label = report.METHOD_NAMES[method]
         dev = [
             r["dev_accuracy"]
             for r in sorted(runs, key=lambda r: r["seed"])
@@ -255,3 +256,23 @@ def test_a_run_claimed_by_a_live_driver_is_skipped_and_a_dead_one_s_is_taken(tmp
     claim.write_text("999999999")  # no such process
     assert not glue._held(claim)
     assert glue._claim(one, runs) == claim and claim.read_text() == str(os.getpid())
+
+
+def test_the_budget_report_counts_parameters_and_says_what_is_missing(tmp_path):
+    shapes = {name: (24, 37) for name in MODULES}
+    plan = report.SweepPlan((0.5, 1.0), ("lora", "igu"), 2, glue.LR_GRID, glue.budget_ranks)
+    runs = []
+    for lr in glue.LR_GRID:
+        for seed in (0, 1):
+            run = record("igu", lr, seed, 0.8 + lr, 0.7 + seed / 100)
+            run.update(budget=1.0, active_ranks=dict.fromkeys(MODULES, 1))
+            runs.append(run)
+    runs.append({**record("lora", glue.LR_GRID[0], 0, 0.8, 0.7), "budget": 1.0})
+    assert report.adapter_parameters(runs[0], shapes) == len(MODULES) * (24 + 37 + 1)  # + E
+    lines = report.budget_table(runs, "sst2", shapes, plan)
+    text = "\n".join(lines)
+    assert "| 0.5 | LoRA (PEFT) | no uniform rank |" in text
+    row = next(line for line in lines if line.startswith("| 1 | IGU-LoRA |"))
+    assert f"| {len(MODULES) * 62:,} |" in row and f"| {glue.LR_GRID[-1]:g} |" in row
+    assert "0.5 / igu: lr search (0 of 3)" in text and "1 / lora: lr search (1 of 3)" in text
+    assert report.budget_plot(runs, "sst2", shapes, plan, tmp_path).stat().st_size > 0

@@ -36,7 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from report import best_of, write_report  # noqa: E402
+from report import SweepPlan, best_of, write_report  # noqa: E402
 
 from igulora.data import load_examples  # noqa: E402
 from igulora.finetune import Batches, FinetuneArgs, evaluate, igu_config, warmup_linear_schedule  # noqa: E402
@@ -232,6 +232,18 @@ def run_args(task: str, total_step: int, **overrides) -> FinetuneArgs:
         exclude_modules="pooler.dense",
         **overrides,
     )
+
+
+def linear_shapes() -> dict[str, tuple[int, int]]:
+    """(in, out) features of every linear of MiniLM (built on the meta device: no weights read)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(minilm_path(), num_labels=2)
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(config)
+    return {
+        n: (m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+    }
 
 
 def active_ranks(module) -> dict[str, int]:
@@ -482,7 +494,8 @@ def main() -> None:
         variants = args.variants.split(",")
         ensure([spec(args.task, "igu", lr, s, v, args.budget) for s in seeds for v in variants], args.runs)
     else:
-        write_report(load_runs(args.runs), RESULTS)
+        plan = SweepPlan(BUDGETS, BUDGET_METHODS, 3, LR_GRID, budget_ranks)
+        write_report(load_runs(args.runs), RESULTS, linear_shapes(), plan)
 
 
 if __name__ == "__main__":

@@ -6,14 +6,27 @@ import json
 import re
 import statistics
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from igulora.plots import rank_panels  # noqa: E402
 
-METHOD_NAMES = {"lora": "LoRA r=2 (PEFT)", "adalora": "AdaLoRA 6->2 (PEFT)", "igu": "IGU-LoRA 6->2 (igulora)"}
+METHOD_NAMES = {
+    "lora": "LoRA r=2 (PEFT)",
+    "adalora": "AdaLoRA 6->2 (PEFT)",
+    "adalora-orth": "AdaLoRA 6->2 + orth. term (PEFT, task-typed)",
+    "igu": "IGU-LoRA 6->2 (igulora)",
+    "igu-orth": "IGU-LoRA 6->2, orth_reg_weight 0.25",
+}
+BUDGET_NAMES = {
+    "lora": "LoRA (PEFT)",
+    "adalora": "AdaLoRA (PEFT)",
+    "adalora-orth": "AdaLoRA + orth. term (PEFT)",
+    "igu": "IGU-LoRA",
+}
 
 
 def _acc(values: Iterable[float]) -> str:
@@ -34,34 +47,51 @@ def best_of(search: list[dict]) -> dict:
     return max(search, key=lambda r: (r["val_accuracy"], -r["lr"]))
 
 
-def search_runs(runs: list[dict], task: str, method: str) -> list[dict]:
-    """A method's lr search: its default runs on seed 0, by lr."""
-    key = (task, method, "default", 0)
+def _of(runs: list[dict], task: str, method: str, variant: str, budget: float | None) -> list[dict]:
+    key = (task, method, variant, budget)
+    return [r for r in runs if (r["task"], r["method"], r["variant"], r.get("budget")) == key]
+
+
+def search_runs(runs: list[dict], task: str, method: str, budget: float | None = None) -> list[dict]:
+    """A method's lr search: its default runs on seed 0 (at ``budget``; None: 6 -> 2), by lr."""
     return sorted(
-        (r for r in runs if (r["task"], r["method"], r["variant"], r["seed"]) == key), key=lambda r: r["lr"]
+        (r for r in _of(runs, task, method, "default", budget) if r["seed"] == 0), key=lambda r: r["lr"]
     )
 
 
-def final_runs(runs: list[dict], task: str, method: str) -> list[dict]:
-    """A method's default runs at its selected lr (best seed-0 val), by seed; [] before a search."""
-    search = search_runs(runs, task, method)
+def final_runs(
+    runs: list[dict], task: str, method: str, budget: float | None = None, variant: str = "default"
+) -> list[dict]:
+    """A method's runs at its selected lr (best seed-0 val of the default), by seed; [] before a
+    search."""
+    search = search_runs(runs, task, method, budget)
     if not search:
         return []
     lr = best_of(search)["lr"]
-    mine = (
-        r for r in runs if (r["task"], r["method"], r["variant"], r["lr"]) == (task, method, "default", lr)
+    return sorted(
+        (r for r in _of(runs, task, method, variant, budget) if r["lr"] == lr), key=lambda r: r["seed"]
     )
-    return sorted(mine, key=lambda r: r["seed"])
 
 
-def paired_difference(runs: list[dict], task: str, method: str, other: str) -> tuple[float, float, int]:
+def paired_difference(
+    runs: list[dict], task: str, method: str, other: str, budget: float | None = None
+) -> tuple[float, float, int]:
     """Mean and std over the seeds both ran of dev(method) - dev(other), and the number of seeds."""
     ours, theirs = (
-        {r["seed"]: r["dev_accuracy"] for r in final_runs(runs, task, m)} for m in (method, other)
+        {r["seed"]: r["dev_accuracy"] for r in final_runs(runs, task, m, budget)} for m in (method, other)
     )
     diffs = [ours[s] - theirs[s] for s in sorted(ours.keys() & theirs.keys())]
     std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
     return (statistics.mean(diffs) if diffs else 0.0), std, len(diffs)
+
+
+def paired_line(runs: list[dict], task: str, method: str, other: str, budget: float | None = None) -> str:
+    """'dev +d +- s over n seeds (t = ...)' for dev(method) - dev(other) paired by seed; '' below 2."""
+    mean, std, n = paired_difference(runs, task, method, other, budget)
+    if n < 2:
+        return ""
+    t = mean / (std / n**0.5) if std > 0 else float("nan")
+    return f"dev {mean:+.4f} +- {std:.4f} over {n} seeds (t = {t:.2f})"
 
 
 def main_table(runs: list[dict], task: str) -> list[str]:
@@ -86,14 +116,10 @@ def main_table(runs: list[dict], task: str) -> list[str]:
             f"{max(r['peak_rss_mb'] for r in final):.0f} |"
         )
     lines.append("")
-    for other in ("adalora", "lora"):
-        mean, std, n = paired_difference(runs, task, "igu", other)
-        if n > 1:
-            t = mean / (std / n**0.5) if std > 0 else float("nan")
-            lines.append(
-                f"- paired by seed, IGU-LoRA - {METHOD_NAMES[other]}: dev {mean:+.4f} +- {std:.4f} "
-                f"over {n} seeds (t = {t:.2f})"
-            )
+    for other in METHOD_NAMES:
+        line = paired_line(runs, task, "igu", other)
+        if other != "igu" and line:
+            lines.append(f"- paired by seed, IGU-LoRA - {METHOD_NAMES[other]}: {line}")
     return lines + [
         "",
         "*Inside the accuracy runs (1 thread each, two runs sharing the 2 cores): the fair step cost is "
@@ -151,13 +177,152 @@ def heatmaps(runs: list[dict], task: str, out: Path) -> Path | None:
     return rank_panels(panels, out / f"{task}-ranks.png")
 
 
-def write_report(runs: list[dict], out: Path) -> Path:
-    """Write ``out/report.md`` (and the heatmaps beside it); print it too."""
+def adapter_parameters(run: dict, shapes: dict[str, tuple[int, int]]) -> int:
+    """Trainable adapter parameters at the end of a run: each kept rank of a linear costs
+    in + out (+ 1 for E in the SVD form); the classifier head, the same for all, is left out."""
+    svd = run["method"] != "lora"
+    return sum(r * (sum(shapes[_module_name(m)]) + svd) for m, r in run["active_ranks"].items())
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """What the budget sweep runs (bench/quality/glue.py): ``ranks(budget)`` gives lora_r (None:
+    no uniform rank), init_r and target_r."""
+
+    budgets: tuple[float, ...]
+    methods: tuple[str, ...]
+    seeds: int
+    lr_grid: tuple[float, ...]
+    ranks: Callable[[float], dict]
+
+
+def budget_table(runs: list[dict], task: str, shapes: dict, plan: SweepPlan) -> list[str]:
+    """Per budget and method: the lr search, dev over seeds at the selected lr, the parameters
+    at the end, IGU-LoRA's paired difference; then the points still missing."""
+    lines = [
+        f"### {task}: accuracy against the budget",
+        "",
+        "| avg. rank | method | ranks | adapter params (end) | val by lr (seed 0) | lr | dev (seeds) "
+        "| dev median | IGU-LoRA - method (paired) |",
+        "| ---: | --- | --- | ---: | --- | ---: | --- | ---: | --- |",
+    ]
+    missing = []
+    for budget in plan.budgets:
+        ranks = plan.ranks(budget)
+        for method in plan.methods:
+            search, final = search_runs(runs, task, method, budget), final_runs(runs, task, method, budget)
+            if method == "lora" and ranks["lora_r"] is None:
+                lines.append(f"| {budget:g} | {BUDGET_NAMES[method]} | no uniform rank | | | | | | |")
+                continue
+            have = {r["seed"] for r in final}
+            if len(search) < len(plan.lr_grid):
+                missing.append(f"{budget:g} / {method}: lr search ({len(search)} of {len(plan.lr_grid)})")
+                continue
+            if len(have) < plan.seeds:
+                missing.append(
+                    f"{budget:g} / {method}: seeds {[s for s in range(plan.seeds) if s not in have]}"
+                )
+            dev = [r["dev_accuracy"] for r in final]
+            shape = f"r = {ranks['lora_r']}" if method == "lora" else f"{ranks['init_r']} -> {budget:g}"
+            params = statistics.median(adapter_parameters(r, shapes) for r in final)
+            grid = ", ".join(f"{r['lr']:g}: {r['val_accuracy']:.3f}" for r in search)
+            paired = paired_line(runs, task, "igu", method, budget) if method != "igu" else ""
+            lr = final[0]["lr"]
+            lines.append(
+                f"| {budget:g} | {BUDGET_NAMES[method]} | {shape} | {params:,.0f} | {grid} | {lr:g} "
+                f"| {_acc(dev)} | {statistics.median(dev):.4f} | {paired} |"
+            )
+    lines.append("")
+    if missing:
+        lines += ["Still missing (budget / method): " + "; ".join(missing) + ".", ""]
+    return lines
+
+
+def budget_plot(runs: list[dict], task: str, shapes: dict, plan: SweepPlan, out: Path) -> Path | None:
+    """Dev accuracy (median, min-max over seeds) against the adapter parameters at the end."""
+    from igulora.plots import pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    drawn = False
+    for i, method in enumerate(plan.methods):
+        points = []
+        for budget in plan.budgets:
+            final = final_runs(runs, task, method, budget)
+            if final and len(search_runs(runs, task, method, budget)) == len(plan.lr_grid):
+                dev = [r["dev_accuracy"] for r in final]
+                x = statistics.median(adapter_parameters(r, shapes) for r in final)
+                points.append((x, statistics.median(dev), min(dev), max(dev), budget, len(dev)))
+        if not points:
+            continue
+        drawn = True
+        x, med, lo, hi, budget, n = zip(*points)
+        shift = [v * (1 + 0.02 * (i - 1.5)) for v in x]  # methods side by side at one budget
+        ax.errorbar(
+            shift,
+            med,
+            yerr=[[m - a for m, a in zip(med, lo)], [b - m for m, b in zip(med, hi)]],
+            marker="o",
+            capsize=3,
+            label=BUDGET_NAMES[method],
+        )
+        if method == "igu":
+            for xi, yi, b in zip(shift, med, budget):
+                ax.annotate(f"avg r {b:g}", (xi, yi), textcoords="offset points", xytext=(4, -12), fontsize=7)
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable adapter parameters at the end (log)")
+    ax.set_ylabel("dev accuracy (median, min-max over seeds)")
+    ax.set_title(f"MiniLM on {task}: accuracy against the budget")
+    ax.legend(fontsize=8)
+    path = out / f"{task}-budget.png"
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def budget_heatmaps(runs: list[dict], task: str, plan: SweepPlan, out: Path) -> Path | None:
+    """Final ranks per layer at the smallest budget (seed 0, selected lr): each adaptive method,
+    and the IGU-LoRA score variants that ran there, side by side."""
+    budget, panels = min(plan.budgets), {}
+    for method in ("adalora", "adalora-orth", "igu"):
+        final = final_runs(runs, task, method, budget)
+        complete = len(search_runs(runs, task, method, budget)) == len(plan.lr_grid)
+        if complete and final and final[0]["seed"] == 0:
+            panels[BUDGET_NAMES[method]] = {_module_name(k): v for k, v in final[0]["active_ranks"].items()}
+    for variant in ("ig-product", "ig-stable-magnitude"):
+        final = final_runs(runs, task, "igu", budget, variant)
+        if final and final[0]["seed"] == 0:
+            panels[f"IGU-LoRA, {variant}"] = {_module_name(k): v for k, v in final[0]["active_ranks"].items()}
+    if len(panels) < 2:
+        return None
+    return rank_panels(panels, out / f"{task}-budget-{budget:g}-ranks.png")
+
+
+def write_report(
+    runs: list[dict], out: Path, shapes: dict | None = None, plan: SweepPlan | None = None
+) -> Path:
+    """Write ``out/report.md`` (and the heatmaps beside it); print it too. ``shapes`` (module ->
+    (in, out)) and ``plan`` (budgets, methods, seeds) add the budget sweep's tables and plots."""
     cost_file = max(out.parent.glob("*-step-cost.json"), default=None)
     cost = {}
     if cost_file is not None:
         cost = {r["method"]: r["ratio_to_adalora"] for r in json.loads(cost_file.read_text())["records"]}
-    lines = ["## Matched-budget comparison", ""]
+    lines = []
+    swept = sorted({r["task"] for r in runs if r.get("budget") is not None})
+    if swept and shapes and plan:
+        lines += ["## Accuracy against the budget", ""]
+        for task in swept:
+            lines += budget_table(runs, task, shapes, plan)
+            for image in (
+                budget_plot(runs, task, shapes, plan, out),
+                budget_heatmaps(runs, task, plan, out),
+            ):
+                if image is not None:
+                    lines += [f"![{image.stem}]({image.name})", ""]
+    lines += ["## Matched-budget comparison", ""]
     for task in sorted({r["task"] for r in runs}):
         lines += main_table(runs, task)
         image = heatmaps(runs, task, out)
