@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tune.add_argument("--no-progress", dest="progress", action="store_false")
     tune.add_argument("--group-by-length", action="store_true", help="batch examples of similar length")
+    tune.add_argument(
+        "--ig-residual", action="store_true", help="log the completeness residual with a fixed --ig-steps"
+    )
     from igulora.finetune import FinetuneArgs
 
     given = {
@@ -51,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         "resume",
         "progress",
         "group_by_length",
+        "ig_residual",
     }
     for f in fields(FinetuneArgs):
         if f.name not in given:

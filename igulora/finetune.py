@@ -68,6 +68,7 @@ class FinetuneArgs:
     rule: str = IGULoraConfig.ig_rule  # the scoring knobs default to the library's
     ig_steps: int | str = IGULoraConfig.ig_steps  # or "auto"
     ig_tolerance: float = IGULoraConfig.ig_tolerance
+    ig_residual: bool = IGULoraConfig.ig_residual
     ig_fraction: float = IGULoraConfig.ig_fraction
     ig_every: int = IGULoraConfig.ig_every
     score: str = IGULoraConfig.score
@@ -123,6 +124,7 @@ def igu_config(args: FinetuneArgs, model) -> IGULoraConfig:
         ig_rule=args.rule,
         ig_steps=args.ig_steps,
         ig_tolerance=args.ig_tolerance,
+        ig_residual=args.ig_residual,
         ig_fraction=args.ig_fraction,
         ig_every=args.ig_every,
         score=args.score,

@@ -68,6 +68,18 @@ def test_cli_rejects_bad_arguments(capsys):
         main(["demo", "--rule", "simpson"])
 
 
+def test_cli_finetune_takes_auto_nodes_and_the_residual_flag():
+    from igulora.cli import build_parser
+
+    base = ["finetune", "--model", "m", "--data", "d", "--task", "classification", "--output-dir", "o"]
+    args = build_parser().parse_args([*base, "--max-steps", "5", "--ig-steps", "auto", "--ig-residual"])
+    assert (args.ig_steps, args.ig_residual) == ("auto", True)
+    args = build_parser().parse_args([*base, "--max-steps", "5", "--ig-steps", "4"])
+    assert (args.ig_steps, args.ig_residual) == (4, False)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*base, "--max-steps", "5", "--ig-steps", "many"])
+
+
 def test_cli_bench_runs_the_harness(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", "--preset", "tiny", "--repeats", "1", "--ops", "copy", "--json", str(out)]) == 0

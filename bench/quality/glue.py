@@ -105,6 +105,7 @@ ABLATIONS = {
     "ig-product": dict(score="product"),
     "ig-stable-magnitude": dict(score="stable_magnitude"),
     "gl-auto": dict(ig_steps="auto"),  # the node count chosen from the completeness residual
+    "gl-3-checked": dict(ig_residual=True),  # the defaults' run (bitwise), its residual logged
     "gl-1": dict(ig_steps=1),
     "gl-2": dict(ig_steps=2),
     "gl-4": dict(ig_steps=4),
