@@ -27,7 +27,9 @@ def test_two_process_run_matches_a_single_process_run(tmp_path, launcher):
     assert kept == 2 * len(single["pattern"]) < 4 * len(single["pattern"])
     assert single["physical_ranks"] == {n: sum(m) for n, m in single["pattern"].items()}  # compacted
     assert 0 in single["physical_ranks"].values()  # an empty adapter, which DDP must leave out
+    assert single["nodes"][0] < single["nodes"][-1]  # ig_steps="auto" raised the node count
     for result in ranks:
+        assert result["nodes"] == single["nodes"]
         assert result["pattern"] == single["pattern"]
         assert result["physical_ranks"] == single["physical_ranks"]
         for name, value in single["weights"].items():
