@@ -276,3 +276,21 @@ def test_the_budget_report_counts_parameters_and_says_what_is_missing(tmp_path):
     assert f"| {len(MODULES) * 62:,} |" in row and f"| {glue.LR_GRID[-1]:g} |" in row
     assert "0.5 / igu: lr search (0 of 3)" in text and "1 / lora: lr search (1 of 3)" in text
     assert report.budget_plot(runs, "sst2", shapes, plan, tmp_path).stat().st_size > 0
+
+
+def test_the_auto_nodes_section_compares_with_the_fixed_count_run_of_the_same_seed(tmp_path):
+    runs, expected = synthetic_runs(4)
+    lr = expected["igu"]
+    checks = [[2 * i, 3 + (i >= 4), 1.1, 1.0] for i in range(8)]  # residual 0.1 of a gap of 1
+    auto = {**record("igu", lr, 0, 0.5, 0.9, variant="gl-auto"), "ig_checks": checks}
+    runs.append(auto)
+    assert report.window_residuals(checks, 4) == pytest.approx([0.1, 0.1])
+    base = next(
+        r for r in runs if (r["method"], r["lr"], r["seed"], r["variant"]) == ("igu", lr, 0, "default")
+    )
+    same = {**base, "active_ranks": dict(auto["active_ranks"])}
+    assert report.allocation_overlap(same, auto) == 1.0
+    lines = report.auto_nodes_section(runs, "sst2", tmp_path, window=4, fixed=3)
+    row = next(line for line in lines if line.startswith("| 0 |"))
+    assert "| 3.50 (3-4) | 1.17 |" in row and f"0.9000 / {base['dev_accuracy']:.4f}" in row
+    assert (tmp_path / "sst2-auto-nodes.png").stat().st_size > 0

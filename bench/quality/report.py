@@ -12,7 +12,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from igulora.plots import rank_panels  # noqa: E402
+from igulora.config import IGULoraConfig  # noqa: E402
+from igulora.node_budget import WINDOW  # noqa: E402
+from igulora.plots import pyplot, rank_panels  # noqa: E402
 
 METHOD_NAMES = {
     "lora": "LoRA r=2 (PEFT)",
@@ -240,8 +242,6 @@ def budget_table(runs: list[dict], task: str, shapes: dict, plan: SweepPlan) -> 
 
 def budget_plot(runs: list[dict], task: str, shapes: dict, plan: SweepPlan, out: Path) -> Path | None:
     """Dev accuracy (median, min-max over seeds) against the adapter parameters at the end."""
-    from igulora.plots import pyplot
-
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     drawn = False
@@ -301,6 +301,66 @@ def budget_heatmaps(runs: list[dict], task: str, plan: SweepPlan, out: Path) -> 
     return rank_panels(panels, out / f"{task}-budget-{budget:g}-ranks.png")
 
 
+def allocation_overlap(run: dict, other: dict) -> float:
+    """Share of ``other``'s kept ranks that ``run`` keeps on the same modules."""
+    ours = {_module_name(k): v for k, v in run["active_ranks"].items()}
+    theirs = {_module_name(k): v for k, v in other["active_ranks"].items()}
+    return sum(min(ours.get(m, 0), r) for m, r in theirs.items()) / max(1, sum(theirs.values()))
+
+
+def window_residuals(checks: list, window: int) -> list[float]:
+    """``sum |delta| / sum |gap|`` over consecutive windows of a run's ig_checks
+    ([step, nodes, sum(IG), L(theta) - L(0)])."""
+    out = []
+    for i in range(0, len(checks) - window + 1, window):
+        part = checks[i : i + window]
+        gap = sum(abs(c[3]) for c in part)
+        out.append(sum(abs(c[2] - c[3]) for c in part) / gap if gap else float("inf"))
+    return out
+
+
+def auto_nodes_section(runs: list[dict], task: str, out: Path, window: int, fixed: int) -> list[str]:
+    """ig_steps="auto" against the defaults' fixed count, same seeds and lr: the nodes it used,
+    its residual, the IG rows it evaluated, accuracy and allocation."""
+    auto = final_runs(runs, task, "igu", variant="gl-auto")
+    fixed_runs = {r["seed"]: r for r in final_runs(runs, task, "igu")}
+    checked = {r["seed"]: r for r in final_runs(runs, task, "igu", variant="gl-3-checked")}
+    if not auto:
+        return []
+    lines = [
+        f'### {task}: `ig_steps="auto"` against {fixed} fixed nodes',
+        "",
+        "| seed | nodes used (mean, range) | node evaluations vs fixed "
+        "| window residual, median (auto / fixed) | dev auto / fixed | allocation overlap |",
+        "| ---: | --- | ---: | --- | --- | ---: |",
+    ]
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.2))
+    for run in auto:
+        nodes = [c[1] for c in run["ig_checks"]]
+        base = fixed_runs.get(run["seed"])
+        reference = checked.get(run["seed"])
+        ours = statistics.median(window_residuals(run["ig_checks"], window))
+        theirs = "-"
+        if reference:
+            theirs = f"{statistics.median(window_residuals(reference['ig_checks'], window)):.3f}"
+        dev = f"{run['dev_accuracy']:.4f} / " + (f"{base['dev_accuracy']:.4f}" if base else "-")
+        overlap = f"{allocation_overlap(run, base):.3f}" if base else "-"
+        lines.append(
+            f"| {run['seed']} | {statistics.mean(nodes):.2f} ({min(nodes)}-{max(nodes)}) "
+            f"| {sum(nodes) / (fixed * len(nodes)):.2f} | {ours:.3f} / {theirs} | {dev} | {overlap} |"
+        )
+        ax.step([c[0] for c in run["ig_checks"]], nodes, where="post", label=f"seed {run['seed']}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("Gauss-Legendre nodes")
+    ax.set_title(f"{task}: nodes chosen by ig_steps='auto'")
+    ax.legend(fontsize=8)
+    path = out / f"{task}-auto-nodes.png"
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return lines + ["", f"![{path.stem}]({path.name})", ""]
+
+
 def write_report(
     runs: list[dict], out: Path, shapes: dict | None = None, plan: SweepPlan | None = None
 ) -> Path:
@@ -330,6 +390,7 @@ def write_report(
             lines += [f"![{task} ranks]({image.name})", ""]
     for task in sorted({r["task"] for r in runs}):
         lines += ablation_table(runs, task, cost)
+        lines += auto_nodes_section(runs, task, out, WINDOW, IGULoraConfig.ig_steps)
     if cost_file is not None:
         lines.append(f"Step costs from `{cost_file.name}`.")
     text = "\n".join(lines) + "\n"
