@@ -55,8 +55,8 @@ def node_memory_rows(igu, batch, row_loss_fn, nodes: list[int], device: torch.de
         )
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        saved, batched = saved_bytes(lambda nb=node_batch: batched_ig_loss(igu, row_loss_fn, nb))
-        batched.loss.backward()
+        saved, (loss, _) = saved_bytes(lambda nb=node_batch: batched_ig_loss(igu, row_loss_fn, nb))
+        loss.backward()
         reset_step(igu)
         # The same stacked rows through a plain training forward: what the rows alone cost.
         plain, plain_loss = saved_bytes(lambda nb=node_batch: mean_loss(row_loss_fn)(igu, nb.batch))

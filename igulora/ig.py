@@ -18,7 +18,6 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -209,14 +208,10 @@ def group_mean_losses(row_loss: torch.Tensor, row_count: torch.Tensor, groups: t
     return sums / counts.clamp_min(1).to(sums.dtype)
 
 
-class BatchedLoss(NamedTuple):
-    loss: torch.Tensor  # to backpropagate
-    train_loss: torch.Tensor  # the training group's mean loss (its value)
-    ig_rows_loss: torch.Tensor  # L(theta) on the IG sub-batch, detached: the completeness check's
-
-
-def batched_ig_loss(model: nn.Module, row_loss_fn: RowLossFn, node_batch: NodeBatch) -> BatchedLoss:
-    """Forward the stacked batch; returns the loss to backpropagate and the training group's.
+def batched_ig_loss(
+    model: nn.Module, row_loss_fn: RowLossFn, node_batch: NodeBatch
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward the stacked batch; returns (loss to backpropagate, training-group loss).
 
     The backpropagated loss is the SUM of per-group mean losses, so each row's output gradient
     is the one of its own group (method.md, section 4). Backward fills ``.grad`` with the
@@ -229,22 +224,28 @@ def batched_ig_loss(model: nn.Module, row_loss_fn: RowLossFn, node_batch: NodeBa
     row_loss, row_count = row_loss_fn(model, node_batch.batch)
     group_losses = group_mean_losses(row_loss, row_count, node_batch.groups)
     correction = node_gradient_of_other_parameters(model, group_losses[1:].sum())
-    ig_rows = node_batch.ig_index
-    ig_rows_loss = (row_loss[ig_rows].sum() / row_count[ig_rows].sum()).detach()
-    return BatchedLoss(group_losses.sum() - correction, group_losses[0], ig_rows_loss)
+    return group_losses.sum() - correction, group_losses[0]
 
 
 @torch.no_grad()
-def baseline_loss(
-    module: nn.Module, row_loss_fn: RowLossFn, batch: Batch, rows: torch.Tensor
-) -> torch.Tensor:
-    """L(0): the mean loss of ``batch[rows]`` with every adapter off (the path's start), by one
-    no-grad forward; the random state is forked, so dropout draws of the run stay as they were."""
+def loss_gap(module: nn.Module, row_loss_fn: RowLossFn, batch: Batch, rows: torch.Tensor) -> torch.Tensor:
+    """``L(theta) - L(0)`` on ``batch[rows]``: two no-grad forwards, at theta and with every
+    adapter off, that draw the same random numbers (dropout masks), so that dropout noise cancels
+    in the difference as it does in the path integral; the run's random state is left as it was.
+    (With ``lora_dropout > 0`` the adapters' own draws shift the later masks.)"""
     sub = {k: v[rows] for k, v in batch.items() if isinstance(v, torch.Tensor)}
     devices = [rows.device] if rows.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), path_point(module, 0.0):
-        row_loss, row_count = row_loss_fn(module, sub)
-    return row_loss.sum() / row_count.sum()
+    means = []
+    with torch.random.fork_rng(devices=devices):
+        start = [torch.get_rng_state()] + [torch.cuda.get_rng_state(d) for d in devices]
+        for alpha in (1.0, 0.0):
+            torch.set_rng_state(start[0])
+            for device, state in zip(devices, start[1:]):
+                torch.cuda.set_rng_state(state, device)
+            with path_point(module, alpha):
+                row_loss, row_count = row_loss_fn(module, sub)
+            means.append(row_loss.sum() / row_count.sum())
+    return means[0] - means[1]
 
 
 def node_gradient_of_other_parameters(model: nn.Module, node_loss: torch.Tensor) -> torch.Tensor | float:
@@ -351,12 +352,11 @@ def mean_loss(row_loss_fn: RowLossFn) -> Callable[[nn.Module, Batch], torch.Tens
 
 
 __all__ = [
-    "BatchedLoss",
     "IGResult",
     "NodeBatch",
     "adapter_layers",
     "adapter_parameters",
-    "baseline_loss",
+    "loss_gap",
     "batched_ig_loss",
     "build_node_batch",
     "causal_lm_row_loss",

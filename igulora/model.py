@@ -19,9 +19,9 @@ from igulora.ig import (
     Batch,
     RowLossFn,
     adapter_layers,
-    baseline_loss,
     batched_ig_loss,
     build_node_batch,
+    loss_gap,
     mean_loss,
     sequence_classification_row_loss,
     set_row_plan,
@@ -244,10 +244,8 @@ class IGUModel(nn.Module):
             )
             node_batch = build_node_batch(batch, quad, c.ig_fraction, self._node_generator)
             if c.tracks_completeness:  # before the row plan is installed for the batched backward
-                start = baseline_loss(module, row_loss_fn, node_batch.batch, node_batch.ig_index)
-            loss, train_loss, ig_rows_loss = batched_ig_loss(module, row_loss_fn, node_batch)
-            if c.tracks_completeness:
-                self._loss_gaps.append(ig_rows_loss - start)
+                self._loss_gaps.append(loss_gap(module, row_loss_fn, batch, node_batch.ig_index))
+            loss, train_loss = batched_ig_loss(module, row_loss_fn, node_batch)
             # The value the user sees (logs, the Trainer's loss) is the training loss; the
             # gradient stays the batched one.
             loss = loss - (loss - train_loss).detach()

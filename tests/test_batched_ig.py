@@ -58,7 +58,7 @@ def test_batched_step_gives_training_grad_and_node_by_node_ig(case, rule):
     node_batch = build_node_batch(batch, quad, ig_fraction=0.5, generator=gen)
     assert node_batch.batch["input_ids"].shape[0] == 5 + 3 * sum(a < 1 for a in quad.alphas)
 
-    loss, train_loss, _ = batched_ig_loss(igu.model, row_loss_fn, node_batch)
+    loss, train_loss = batched_ig_loss(igu.model, row_loss_fn, node_batch)
     loss.backward()
     params = adapter_parameters(igu.model)
     trained = {n: p for n, p in igu.model.named_parameters() if p.requires_grad}

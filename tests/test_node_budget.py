@@ -7,10 +7,10 @@ import torch
 from conftest import randomize_adapters, tiny_bert, token_batch
 
 from igulora import IGULoraConfig, get_igu_model, integrated_gradients, mean_loss
-from igulora.ig import sequence_classification_row_loss
+from igulora.ig import loss_gap, sequence_classification_row_loss
 from igulora.metrics import allocation_metrics
 from igulora.model import IGUModel
-from igulora.node_budget import LOWER_AT, START_NODES, WINDOW, Completeness, NodeBudget
+from igulora.node_budget import LOWER_AT, RETRY, START_NODES, WINDOW, Completeness, NodeBudget
 
 STEPS = 24
 
@@ -78,6 +78,21 @@ def test_the_check_leaves_the_run_as_it_was_even_with_dropout():
     assert all(torch.equal(weights[0][n], weights[1][n]) for n in weights[0])
 
 
+def test_the_loss_gap_draws_the_same_dropout_masks_at_both_ends():
+    """With E = 0 the adapters add nothing: the gap is exactly 0 under dropout only if both
+    forwards draw the same masks."""
+    igu = _igu(dropout=0.3)
+    for layer in igu.adapters.values():
+        torch.nn.init.zeros_(layer.lora_E)
+    igu.train()
+    batch = token_batch(n=6, t=7)
+    rows = torch.arange(6)
+    assert float(loss_gap(igu, sequence_classification_row_loss, batch, rows)) == 0.0
+    with torch.no_grad():
+        twice = [float(mean_loss(sequence_classification_row_loss)(igu, batch)) for _ in range(2)]
+    assert twice[0] != twice[1]  # the dropout is live
+
+
 def test_accumulated_micro_batches_are_checked_on_their_mean_gap():
     """Two micro-batches, each loss / 2 (HF Trainer, Accelerate): the IG total is their mean."""
     batch = token_batch(n=8, t=7)
@@ -94,21 +109,34 @@ def _check(residual: float, gap: float = 1.0, nodes: int = 3) -> Completeness:
     return Completeness(step=0, nodes=nodes, ig_total=gap + residual, loss_gap=gap)
 
 
-def test_the_node_budget_moves_one_node_per_window_within_its_bounds():
-    budget = NodeBudget(tolerance=0.1, max_nodes=5)
-    assert budget.nodes == START_NODES
+def _run(budget: NodeBudget, residual_at, windows: int) -> list[int]:
+    """The node count after each of ``windows`` windows whose residual is ``residual_at(nodes)``."""
+    counts = []
+    for _ in range(windows):
+        for _ in range(WINDOW):
+            budget.observe(_check(residual_at(budget.nodes)))
+        counts.append(budget.nodes)
+    return counts
+
+
+def test_the_node_budget_adds_nodes_while_they_cut_the_residual_and_stops_under_tolerance():
+    halving = lambda n: 0.5 / 2 ** (n - START_NODES)  # noqa: E731  (a quadrature error)
+    budget = NodeBudget(tolerance=0.1, max_nodes=8)
     for _ in range(WINDOW - 1):
         assert budget.observe(_check(0.5)) == START_NODES  # a window is judged whole
-    assert budget.observe(_check(0.5)) == START_NODES + 1
-    for _ in range(3 * WINDOW):
-        budget.observe(_check(0.5))
-    assert budget.nodes == 5  # max_nodes
-    for _ in range(WINDOW):  # between tolerance * LOWER_AT and tolerance: keep
-        budget.observe(_check(0.1 * (1 + LOWER_AT) / 2))
-    assert budget.nodes == 5
-    for _ in range(10 * WINDOW):
-        budget.observe(_check(0.1 * LOWER_AT / 2))
-    assert budget.nodes == 1
+    assert _run(budget, halving, 6) == [4, 5, 6, 6, 6, 6]  # 0.0625 < 0.1, not < 0.1 * LOWER_AT
+    assert _run(NodeBudget(tolerance=0.1, max_nodes=5), halving, 4) == [4, 5, 5, 5]  # max_nodes
+    assert _run(NodeBudget(tolerance=0.1, max_nodes=8), lambda n: 0.1 * LOWER_AT / 2, 6) == [2, 1, 1, 1, 1, 1]
+
+
+def test_a_node_that_does_not_cut_the_residual_is_taken_back_and_retried_later():
+    """A residual that does not fall with more nodes is noise (dropout): the count goes back and
+    stays under that ceiling for RETRY windows."""
+    budget = NodeBudget(tolerance=0.1, max_nodes=8)
+    counts = _run(budget, lambda n: 0.5, 2 + RETRY + 2)
+    assert counts[:2] == [START_NODES + 1, START_NODES]
+    assert counts[2 : 1 + RETRY] == [START_NODES] * (RETRY - 1)
+    assert counts[1 + RETRY :] == [START_NODES + 1, START_NODES, START_NODES]
 
 
 def test_the_window_weighs_residuals_by_their_gap():
