@@ -70,6 +70,21 @@ class IGUTrainer(Trainer):
             self.igu_callback.loss_scale = scaler.get_scale()  # the scale this backward carries
         return self.igu.training_loss(inputs, self.row_loss_fn, module=model)
 
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        """Training logs carry the allocation beside the loss: the budget, the kept triplets, the
+        IG node count and, where scoring steps check it, the last relative completeness residual
+        (TensorBoard, W&B and ``state.log_history`` see them)."""
+        if "loss" in logs:
+            logs = {
+                **logs,
+                "rank_budget": self.igu.allocator.budget,
+                "active_rank": sum(self.igu.active_ranks.values()),
+            }
+            logs["ig_nodes"] = self.igu.ig_nodes
+            if self.igu.last_check is not None:
+                logs["ig_residual"] = self.igu.last_check.relative_residual
+        super().log(logs, *args, **kwargs)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:

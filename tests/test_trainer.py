@@ -62,6 +62,22 @@ def test_trainer_allocates_every_step_and_accumulation_matches_a_big_batch(tmp_p
             torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12, msg=name)
 
 
+def test_training_logs_carry_the_allocation_and_the_completeness_check(tmp_path):
+    igu = get_igu_model(tiny_bert(torch.float64, seed=2), _config(ig_residual=True))
+    args = _args(tmp_path, 8, 1, logging_strategy="steps", logging_steps=1)
+    trainer = IGUTrainer(igu, args=args, train_dataset=_dataset())
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == STEPS
+    assert [entry["active_rank"] for entry in logs][-1] == sum(igu.active_ranks.values())
+    assert logs[0]["rank_budget"] == 4 * len(igu.adapters) and logs[-1]["rank_budget"] == 2 * len(
+        igu.adapters
+    )
+    assert all(entry["ig_nodes"] == igu.config.ig_steps for entry in logs)
+    assert logs[-1]["ig_residual"] == igu.last_check.relative_residual  # the last scoring step's
+    assert len({entry["ig_residual"] for entry in logs}) > 1  # one check per scoring step
+
+
 def test_trainer_rejects_a_plain_model(tmp_path):
     args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
     with pytest.raises(TypeError, match="needs an IGUModel"):
