@@ -7,29 +7,30 @@
    every scale the same score, product grows as c^2, stable_magnitude as c.
 2. The planted-rank demo (``igulora demo``; the right allocation is known): per score, the share of
    the planted rank recovered, and the contrast each EMA and score draws between planted and
-   unplanted modules at the end of the budget phase (the saved EMAs): median Ibar, Ubar and score
-   of the planted modules' elements over the unplanted ones'.
+   unplanted modules when pruning begins (the allocator's EMAs at its first pruning, every triplet
+   alive): median Ibar, Ubar and score of the planted modules' elements over the unplanted ones'.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import statistics
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from igu_kernels import reference  # noqa: E402
 from igu_kernels.reference import SCORES  # noqa: E402
+from igulora.allocator import RankAllocator  # noqa: E402
 from igulora.demo import PLANTED, run_demo  # noqa: E402
-from igulora.save_format import IGU_STATE  # noqa: E402
 
 SCALES = (1e-4, 1e-2, 1.0)
 BETA, EPS, UPDATES = 0.85, 1e-12, 60
@@ -57,28 +58,40 @@ def closed_form() -> list[dict]:
     return rows
 
 
-def contrast(adapter_dir: Path) -> dict[str, float]:
-    """Median over planted modules' elements / median over the others', of Ibar, Ubar and each
-    score computed from them (the EMAs as the run left them)."""
-    state = load_file(adapter_dir / IGU_STATE)
-    ema = {
-        kind: {k[5:]: v for k, v in state.items() if k.startswith(f"{kind}.")} for kind in ("ibar", "ubar")
-    }
-    out = {}
-    values = {"ibar": ema["ibar"], "ubar": ema["ubar"]}
+def contrast(ibar: dict[str, torch.Tensor], ubar: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Median over the planted modules' elements / median over the others', of Ibar, Ubar and
+    each score computed from them."""
+    values = {"ibar": ibar, "ubar": ubar}
     for score in SCORES:
-        values[score] = {
-            k: reference.element_score(ema["ibar"][k], ema["ubar"][k], score=score, eps=EPS)
-            for k in ema["ibar"]
-        }
+        values[score] = {k: reference.element_score(ibar[k], ubar[k], score=score, eps=EPS) for k in ibar}
+    out = {}
     for what, tensors in values.items():
         groups = {True: [], False: []}
         for key, tensor in tensors.items():
-            module = key.rsplit(".", 1)[0]
-            groups[module in PLANTED].append(tensor.flatten())
-        medians = {planted: float(torch.cat(parts).median()) for planted, parts in groups.items()}
-        out[what] = medians[True] / medians[False] if medians[False] else float("inf")
+            groups[key.rsplit(".", 1)[0] in PLANTED].append(tensor.flatten())
+        planted, others = (float(torch.cat(groups[flag]).median()) for flag in (True, False))
+        out[what] = planted / others
     return out
+
+
+@contextlib.contextmanager
+def first_pruning_emas() -> Iterator[dict]:
+    """Capture the allocator's EMAs at its first pruning (every triplet still alive)."""
+    captured: dict = {}
+    original = RankAllocator.update_and_allocate
+
+    def spy(self, *args, **kwargs):
+        pattern = original(self, *args, **kwargs)
+        if pattern is not None and not captured:
+            captured.update(ibar={k: v.clone() for k, v in self.ibar.items()})
+            captured.update(ubar={k: v.clone() for k, v in self.ubar.items()})
+        return pattern
+
+    RankAllocator.update_and_allocate = spy
+    try:
+        yield captured
+    finally:
+        RankAllocator.update_and_allocate = original
 
 
 def main() -> None:
@@ -95,10 +108,10 @@ def main() -> None:
     demo = []
     for score in SCORES:
         for seed in range(args.seeds):
-            with tempfile.TemporaryDirectory() as out:
+            with tempfile.TemporaryDirectory() as out, first_pruning_emas() as emas:
                 result = run_demo(out, seed=seed, progress=False, overrides={"score": score})
-                record = {"score": score, "seed": seed, "recovery": result.recovery}
-                record["planted_over_unplanted"] = contrast(Path(out) / "adapter")
+            record = {"score": score, "seed": seed, "recovery": result.recovery}
+            record["planted_over_unplanted"] = contrast(emas["ibar"], emas["ubar"])
             demo.append(record)
         mine = [r for r in demo if r["score"] == score]
         ratios = {
