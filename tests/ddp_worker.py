@@ -11,7 +11,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from igulora import get_igu_model
 
-STEPS = 8
+STEPS = 12  # ten scoring steps: one ig_steps="auto" window (node_budget.WINDOW = 8)
 GLOBAL_BATCH = 8
 
 

@@ -151,10 +151,11 @@ def test_the_window_weighs_residuals_by_their_gap():
 
 @pytest.mark.parametrize(("tolerance", "expected"), [(1e-12, 6), (1e3, 1)])
 def test_auto_climbs_to_close_the_residual_and_falls_when_it_is_loose(tolerance, expected, tmp_path):
-    igu = _igu(ig_steps="auto", ig_tolerance=tolerance, ig_max_steps=6)
+    steps = 4 * WINDOW + 2  # three windows to climb from 3 to 6 nodes, one to spare
+    igu = _igu(ig_steps="auto", ig_tolerance=tolerance, ig_max_steps=6, total_step=steps)
     batch = token_batch(n=6, t=7)
     rows = []
-    for step in range(STEPS - 2):  # the scoring steps before the final phase
+    for step in range(steps - 2):  # the scoring steps before the final phase
         _scoring_step(igu, batch, step)
         rows.append(allocation_metrics(igu, step, 0.0))
     assert igu.ig_nodes == expected

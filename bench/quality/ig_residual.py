@@ -49,6 +49,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--window", type=int, default=WINDOW, help="sub-batches per window")
     parser.add_argument("--batches", type=int, default=4 * WINDOW, help="IG sub-batches of 4 dev rows")
     parser.add_argument("--train-steps", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
@@ -92,7 +93,7 @@ def main() -> None:
     for mode in ("train", "eval"):
         for n in NODES:
             mine = [r for r in records if r["mode"] == mode and r["nodes"] == n]
-            windows = [mine[i : i + WINDOW] for i in range(0, len(mine), WINDOW)]
+            windows = [mine[i : i + args.window] for i in range(0, len(mine), args.window)]
             residuals = [
                 sum(abs(r["residual"]) for r in w) / sum(abs(r["loss_gap"]) for r in w) for w in windows
             ]
@@ -116,7 +117,7 @@ def main() -> None:
             "command": "python " + " ".join(sys.argv),
             "torch": torch.__version__,
             "rows_per_batch": ROWS,
-            "window": WINDOW,
+            "window": args.window,
             "reference_nodes": REFERENCE_NODES,
         }
         args.json.write_text(json.dumps({"meta": meta, "table": table, "records": records}, indent=2) + "\n")
