@@ -10,6 +10,7 @@ It isolates allocation quality from downstream accuracy noise, at a few seconds 
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime
 import json
 import statistics
@@ -30,6 +31,10 @@ SETTINGS = {
     "IGU defaults": {},
     "IG, stable_magnitude": dict(score="stable_magnitude"),
     "IG, auto nodes": dict(ig_steps="auto"),
+    "IG, 3 nodes checked": dict(ig_residual=True),
+    # the node budget's trade-off: fixed counts against auto at several tolerances
+    **{f"IG, {n} nodes checked": dict(ig_steps=n, ig_residual=True) for n in (1, 2, 4)},
+    **{f"IG, auto nodes, tolerance {t:g}": dict(ig_steps="auto", ig_tolerance=t) for t in (0.02, 0.3, 1.0)},
     "orth 0.25 (former default)": dict(orth_reg_weight=0.25),
     "every 1": dict(ig_every=1),
     "fraction 0.25": dict(ig_fraction=0.25),
@@ -54,11 +59,23 @@ def main() -> None:
         for seed in range(args.seeds):
             with tempfile.TemporaryDirectory() as out:
                 result = run_demo(out, seed=seed, progress=False, overrides=overrides)
+                with open(Path(out) / "metrics.csv", newline="") as f:  # the checked scoring steps
+                    checked = [row for row in csv.DictReader(f) if row["ig_nodes"]]
+                nodes = [float(row["ig_nodes"]) for row in checked]
             scores.append(result.recovery)
-            records.append(
-                {"setting": name, "overrides": overrides, "seed": seed, "recovery": result.recovery}
-            )
-        print(f"{name:<36} {', '.join(f'{s:.2f}' for s in scores):<22} {statistics.mean(scores):>6.3f}")
+            record = {"setting": name, "overrides": overrides, "seed": seed, "recovery": result.recovery}
+            if nodes:
+                record["mean_ig_nodes"] = statistics.mean(nodes)
+                record["median_ig_residual"] = statistics.median(float(row["ig_residual"]) for row in checked)
+            records.append(record)
+        mine = [r for r in records if r["setting"] == name and "mean_ig_nodes" in r]
+        checks = ""
+        if mine:
+            nodes = statistics.mean(r["mean_ig_nodes"] for r in mine)
+            residual = statistics.median(r["median_ig_residual"] for r in mine)
+            checks = f"  (IG nodes {nodes:.2f} on average, relative residual {residual:.3f})"
+        by_seed = ", ".join(f"{s:.2f}" for s in scores)
+        print(f"{name:<36} {by_seed:<22} {statistics.mean(scores):>6.3f}{checks}")
     if args.json:
         meta = {
             "date": datetime.date.today().isoformat(),
