@@ -295,3 +295,18 @@ def test_the_auto_nodes_section_compares_with_the_fixed_count_run_of_the_same_se
     row = next(line for line in lines if line.startswith("| 0 |"))
     assert "| 3.50 (3-4) | 1.17 |" in row and f"0.9000 / {base['dev_accuracy']:.4f}" in row
     assert (tmp_path / "sst2-auto-nodes.png").stat().st_size > 0
+
+
+def test_the_score_table_pairs_each_variant_with_the_default_score_by_seed():
+    runs = []
+    for lr in glue.LR_GRID:
+        runs.append({**record("igu", lr, 0, 0.8 + lr, 0.80), "budget": 0.5})
+    lr = glue.LR_GRID[-1]
+    runs += [{**record("igu", lr, s, 0.5, 0.80 + s / 100), "budget": 0.5} for s in (1, 2)]
+    runs += [
+        {**record("igu", lr, s, 0.5, 0.79 + s / 100, variant="ig-product"), "budget": 0.5} for s in (0, 1, 2)
+    ]
+    lines = report.score_table(runs, "sst2", 0.5, report.SCORE_VARIANTS)
+    row = next(line for line in lines if line.startswith("| product"))
+    assert "| 0.790, 0.800, 0.810 | 0.8000 | -0.0100 +- 0.0000 over 3 seeds |" in row
+    assert not any(line.startswith("| stable_magnitude") for line in lines)  # not run

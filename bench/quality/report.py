@@ -23,6 +23,7 @@ METHOD_NAMES = {
     "igu": "IGU-LoRA 6->2 (igulora)",
     "igu-orth": "IGU-LoRA 6->2, orth_reg_weight 0.25",
 }
+SCORE_VARIANTS = {"ig-product": "product (AdaLoRA's)", "ig-stable-magnitude": "stable_magnitude"}
 BUDGET_NAMES = {
     "lora": "LoRA (PEFT)",
     "adalora": "AdaLoRA (PEFT)",
@@ -132,7 +133,7 @@ def main_table(runs: list[dict], task: str) -> list[str]:
 
 def ablation_table(runs: list[dict], task: str, cost: dict[str, float]) -> list[str]:
     """IGU variants next to the defaults at IGU's selected lr: val of seed 0, dev of every seed."""
-    igu = [r for r in runs if r["task"] == task and r["method"] == "igu"]
+    igu = [r for r in runs if r["task"] == task and r["method"] == "igu" and r.get("budget") is None]
     defaults = [r for r in igu if r["variant"] == "default" and r["seed"] == 0]
     if not defaults or all(r["variant"] == "default" for r in igu):
         return []
@@ -240,6 +241,35 @@ def budget_table(runs: list[dict], task: str, shapes: dict, plan: SweepPlan) -> 
     return lines
 
 
+def score_table(runs: list[dict], task: str, budget: float, variants: dict[str, str]) -> list[str]:
+    """IGU-LoRA's element scores at one budget, at the lr selected for the default score: dev by
+    seed, median, and the paired difference to the default."""
+    default = final_runs(runs, task, "igu", budget)
+    if not default or not any(final_runs(runs, task, "igu", budget, v) for v in variants):
+        return []
+    lines = [
+        f"### {task}: IGU-LoRA's score at an average rank of {budget:g} (lr {default[0]['lr']:g})",
+        "",
+        "| score | dev (seeds) | dev median | paired - snr |",
+        "| --- | --- | ---: | --- |",
+        f"| snr (default) | {_acc(r['dev_accuracy'] for r in default)} "
+        f"| {statistics.median(r['dev_accuracy'] for r in default):.4f} | |",
+    ]
+    base = {r["seed"]: r["dev_accuracy"] for r in default}
+    for variant, label in variants.items():
+        mine = final_runs(runs, task, "igu", budget, variant)
+        if not mine:
+            continue
+        diffs = [r["dev_accuracy"] - base[r["seed"]] for r in mine if r["seed"] in base]
+        std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+        paired = f"{statistics.mean(diffs):+.4f} +- {std:.4f} over {len(diffs)} seeds" if diffs else ""
+        lines.append(
+            f"| {label} | {_acc(r['dev_accuracy'] for r in mine)} "
+            f"| {statistics.median(r['dev_accuracy'] for r in mine):.4f} | {paired} |"
+        )
+    return lines + [""]
+
+
 def budget_plot(runs: list[dict], task: str, shapes: dict, plan: SweepPlan, out: Path) -> Path | None:
     """Dev accuracy (median, min-max over seeds) against the adapter parameters at the end."""
     plt = pyplot()
@@ -292,7 +322,7 @@ def budget_heatmaps(runs: list[dict], task: str, plan: SweepPlan, out: Path) -> 
         complete = len(search_runs(runs, task, method, budget)) == len(plan.lr_grid)
         if complete and final and final[0]["seed"] == 0:
             panels[BUDGET_NAMES[method]] = {_module_name(k): v for k, v in final[0]["active_ranks"].items()}
-    for variant in ("ig-product", "ig-stable-magnitude"):
+    for variant in SCORE_VARIANTS:
         final = final_runs(runs, task, "igu", budget, variant)
         if final and final[0]["seed"] == 0:
             panels[f"IGU-LoRA, {variant}"] = {_module_name(k): v for k, v in final[0]["active_ranks"].items()}
@@ -376,6 +406,7 @@ def write_report(
         lines += ["## Accuracy against the budget", ""]
         for task in swept:
             lines += budget_table(runs, task, shapes, plan)
+            lines += score_table(runs, task, min(plan.budgets), SCORE_VARIANTS)
             for image in (
                 budget_plot(runs, task, shapes, plan, out),
                 budget_heatmaps(runs, task, plan, out),
