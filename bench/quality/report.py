@@ -270,6 +270,18 @@ def score_table(runs: list[dict], task: str, budget: float, variants: dict[str, 
     return lines + [""]
 
 
+def _saved(fig, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
+    """Label the figure's one axes, add its legend, write it to ``path`` and close it."""
+    ax = fig.axes[0]
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    pyplot().close(fig)
+    return path
+
+
 def budget_plot(runs: list[dict], task: str, shapes: dict, plan: SweepPlan, out: Path) -> Path | None:
     """Dev accuracy (median, min-max over seeds) against the adapter parameters at the end."""
     plt = pyplot()
@@ -303,14 +315,13 @@ def budget_plot(runs: list[dict], task: str, shapes: dict, plan: SweepPlan, out:
         plt.close(fig)
         return None
     ax.set_xscale("log")
-    ax.set_xlabel("trainable adapter parameters at the end (log)")
-    ax.set_ylabel("dev accuracy (median, min-max over seeds)")
-    ax.set_title(f"MiniLM on {task}: accuracy against the budget")
-    ax.legend(fontsize=8)
-    path = out / f"{task}-budget.png"
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _saved(
+        fig,
+        out / f"{task}-budget.png",
+        "trainable adapter parameters at the end (log)",
+        "dev accuracy (median, min-max over seeds)",
+        f"MiniLM on {task}: accuracy against the budget",
+    )
 
 
 def budget_heatmaps(runs: list[dict], task: str, plan: SweepPlan, out: Path) -> Path | None:
@@ -381,13 +392,8 @@ def auto_nodes_section(runs: list[dict], task: str, out: Path, window: int, fixe
             f"| {sum(nodes) / (fixed * len(nodes)):.2f} | {ours:.3f} / {theirs} | {dev} | {overlap} |"
         )
         ax.step([c[0] for c in run["ig_checks"]], nodes, where="post", label=f"seed {run['seed']}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("Gauss-Legendre nodes")
-    ax.set_title(f"{task}: nodes chosen by ig_steps='auto'")
-    ax.legend(fontsize=8)
-    path = out / f"{task}-auto-nodes.png"
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    title = f"{task}: nodes chosen by ig_steps='auto'"
+    path = _saved(fig, out / f"{task}-auto-nodes.png", "step", "Gauss-Legendre nodes", title)
     return lines + ["", f"![{path.stem}]({path.name})", ""]
 
 
