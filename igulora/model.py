@@ -297,14 +297,15 @@ class IGUModel(nn.Module):
         the ``auto`` node count it implies. With gradient accumulation each micro-batch's loss is
         taken to be backpropagated divided by their number (HF Trainer, Accelerate)."""
         gaps, self._loss_gaps = self._loss_gaps, []
+        if not gaps or step_skipped:  # most steps: nothing was checked
+            return
         layers = list(self.adapters.values())
-        if not gaps or step_skipped or any(layer.ig_buffers is None for layer in layers):
+        if any(layer.ig_buffers is None for layer in layers):
             return
         totals = [buf.sum(dtype=torch.float64) for layer in layers for buf in layer.ig_buffers]
         check = torch.stack([torch.stack(totals).sum() / loss_scale, torch.stack(gaps).double().mean()])
         all_reduce_mean([check])  # every rank decides on the same numbers
-        nodes = self.ig_nodes
-        self.last_check = Completeness(step, nodes, float(check[0]), float(check[1]))
+        self.last_check = Completeness(step, self.ig_nodes, float(check[0]), float(check[1]))
         if self.config.ig_steps == "auto":
             self.node_budget.observe(self.last_check)
 
