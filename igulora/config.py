@@ -28,9 +28,10 @@ class IGULoraConfig:
     ``total_step - tfinal``, masks frozen for the last ``tfinal``
     steps; reallocation every ``delta_t`` steps. ``budget_unit`` counts triplets or parameters.
 
-    Score: EMAs of |IG| (``beta1``) and of its deviation (``beta2``), combined as ``snr``
-    (IGU-LoRA), ``product`` (AdaLoRA) or ``stable_magnitude`` (``Ibar^2 / (Ibar + Ubar)``: both
-    magnitude and stability; ``igu_kernels.reference.element_score``). IG: ``ig_rule`` with
+    Score: EMAs of |IG| (``beta1``) and of its deviation (``beta2``), combined as
+    ``stable_magnitude`` (the default: ``Ibar^2 / (Ibar + Ubar)``, both magnitude and stability),
+    ``snr`` (the IGU-LoRA paper's ``Ibar / Ubar``, blind to scale) or ``product`` (AdaLoRA's);
+    ``igu_kernels.reference.element_score``. IG: ``ig_rule`` with
     ``ig_steps`` nodes, computed every ``ig_every`` optimizer steps on ``ig_fraction`` of the
     batch (``stochastic`` draws its nodes from a ``stochastic_grid``-interval trapezoid grid).
     ``ig_steps="auto"`` (Gauss-Legendre) raises or lowers the node count between scoring steps,
@@ -65,7 +66,8 @@ class IGULoraConfig:
     budget_unit: str = "triplets"
     beta1: float = 0.85
     beta2: float = 0.85
-    score: str = "snr"
+    # snr until 2026-12-02; switched by the rule fixed before the score study (docs/results.md)
+    score: str = "stable_magnitude"
     score_eps: float = 1e-12
     # Off by default: at 0.25 (= PEFT AdaLoRA's 0.5 per matrix) its early gradients slow learning
     # (docs/results.md). method.md's per-adapter mean: PEFT's w per matrix is igulora's w / 2.

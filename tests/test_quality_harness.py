@@ -94,7 +94,7 @@ def test_report_summarises_dev_over_seeds_at_the_selected_lr(tmp_path):
         row = next(line for line in text.splitlines() if line.startswith(f"| {label} |"))
         assert f"| {expected[method]:g} | " in row
         assert f"{statistics.median(dev):.4f}" in row and f"{statistics.mean(dev):.4f}" in row
-    assert f"| every-1 | ig_every=1 | {expected['igu']:g} | 0.1000 | 0.200 | 0.2000 |" in text
+    assert f"| every-1 | ig_every=1, score=snr | {expected['igu']:g} | 0.1000 | 0.200 | 0.2000 |" in text
     assert (tmp_path / "sst2-ranks.png").stat().st_size > 0
 
 
@@ -286,9 +286,8 @@ def test_the_auto_nodes_section_compares_with_the_fixed_count_run_of_the_same_se
     auto = {**record("igu", lr, 0, 0.5, 0.9, variant="gl-auto"), "ig_checks": checks}
     runs.append(auto)
     assert report.window_residuals(checks, 4) == pytest.approx([0.1, 0.1])
-    base = next(
-        r for r in runs if (r["method"], r["lr"], r["seed"], r["variant"]) == ("igu", lr, 0, "default")
-    )
+    # the fixed-count twin has gl-auto's settings (snr) less ig_steps, not the defaults
+    runs.append(base := record("igu", lr, 0, 0.6, 0.8, variant="ig-snr"))
     same = {**base, "active_ranks": dict(auto["active_ranks"])}
     assert report.allocation_overlap(same, auto) == 1.0
     lines = report.auto_nodes_section(runs, "sst2", tmp_path, window=4, fixed=3)
@@ -308,5 +307,6 @@ def test_the_score_table_pairs_each_variant_with_the_default_score_by_seed():
     ]
     lines = report.score_table(runs, "sst2", 0.5, report.SCORE_VARIANTS)
     row = next(line for line in lines if line.startswith("| product"))
-    assert "| 0.790, 0.800, 0.810 | 0.8000 | -0.0100 +- 0.0000 over 3 seeds |" in row
-    assert not any(line.startswith("| stable_magnitude") for line in lines)  # not run
+    assert f"| {lr:g} | 0.790, 0.800, 0.810 | 0.8000 | -0.0100 +- 0.0000 over 3 seeds |" in row
+    assert any(line.startswith("| stable_magnitude (default) |") for line in lines)
+    assert not any(line.startswith("| snr") for line in lines)  # not run

@@ -24,12 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from igulora.demo import run_demo  # noqa: E402
 
-SETTINGS = {
-    "AdaLoRA score (gradient, product)": dict(ig_rule="gradient", score="product"),
+# The settings studied under the defaults before 2026-12-02, whose score was snr, name it.
+_SNR_ERA = {
     "gradient, snr": dict(ig_rule="gradient"),
-    "IG, product": dict(score="product"),
-    "IGU defaults": {},
-    "IG, stable_magnitude": dict(score="stable_magnitude"),
+    "IG, snr (former default)": {},
     "IG, auto nodes": dict(ig_steps="auto"),
     "IG, 3 nodes checked": dict(ig_residual=True),
     # the node budget's trade-off: fixed counts against auto at several tolerances
@@ -40,6 +38,12 @@ SETTINGS = {
     "fraction 0.25": dict(ig_fraction=0.25),
     "every 1, fraction 0.25": dict(ig_every=1, ig_fraction=0.25),
     "every 4, fraction 0.25": dict(ig_every=4, ig_fraction=0.25),
+}
+SETTINGS = {
+    "AdaLoRA score (gradient, product)": dict(ig_rule="gradient", score="product"),
+    "IG, product": dict(score="product"),
+    "IGU defaults (IG, stable_magnitude)": {},
+    **{name: dict(overrides, score="snr") for name, overrides in _SNR_ERA.items()},
 }
 
 

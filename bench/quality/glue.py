@@ -103,11 +103,9 @@ VAL_FRACTION, TEST_FRACTION, SPLIT_SEED = 0.1, 0.1, 12345
 IGU_KNOBS = ("init", "ig_rule", "ig_steps", "ig_every", "ig_fraction", "score", "orth_reg_weight")
 ENCODER_LINEARS = r".*encoder\.layer\.\d+\..*(query|key|value|dense)$"
 # IGU-LoRA ablations: FinetuneArgs overrides (run at IGU's selected lr unless --lr is given).
-ABLATIONS = {
+# Those of the defaults before 2026-12-02, whose score was snr, name it: their runs had it.
+_SNR_ERA = {
     "gradient-snr": dict(rule="gradient"),
-    "gradient-product (AdaLoRA score)": dict(rule="gradient", score="product"),
-    "ig-product": dict(score="product"),
-    "ig-stable-magnitude": dict(score="stable_magnitude"),
     "gl-auto": dict(ig_steps="auto"),  # the node count chosen from the completeness residual
     "gl-3-checked": dict(ig_residual=True),  # the defaults' run (bitwise), its residual logged
     "gl-1": dict(ig_steps=1),
@@ -126,7 +124,13 @@ ABLATIONS = {
     "orth-0.25": dict(orth_reg_weight=0.25),
     # the former defaults: LoRA-like init (B = 0, E = 1) with twice PEFT's orthogonality weight
     "lora-init": dict(init="lora", orth_reg_weight=0.5),
+}
+ABLATIONS = {
+    "ig-snr": dict(score="snr"),  # the IGU-LoRA paper's score, the default before 2026-12-02
+    "ig-product": dict(score="product"),
+    "gradient-product (AdaLoRA score)": dict(rule="gradient", score="product"),
     "lora-init-gradient-product": dict(init="lora", orth_reg_weight=0.5, rule="gradient", score="product"),
+    **{name: dict(overrides, score="snr") for name, overrides in _SNR_ERA.items()},
 }
 
 

@@ -23,7 +23,10 @@ METHOD_NAMES = {
     "igu": "IGU-LoRA 6->2 (igulora)",
     "igu-orth": "IGU-LoRA 6->2, orth_reg_weight 0.25",
 }
-SCORE_VARIANTS = {"ig-product": "product (AdaLoRA's)", "ig-stable-magnitude": "stable_magnitude"}
+SCORE_VARIANTS = {
+    "ig-snr": "snr (the paper's; the default until 2026-12-02)",
+    "ig-product": "product (AdaLoRA's)",
+}
 BUDGET_NAMES = {
     "lora": "LoRA (PEFT)",
     "adalora": "AdaLoRA (PEFT)",
@@ -55,19 +58,22 @@ def _of(runs: list[dict], task: str, method: str, variant: str, budget: float | 
     return [r for r in runs if (r["task"], r["method"], r["variant"], r.get("budget")) == key]
 
 
-def search_runs(runs: list[dict], task: str, method: str, budget: float | None = None) -> list[dict]:
-    """A method's lr search: its default runs on seed 0 (at ``budget``; None: 6 -> 2), by lr."""
+def search_runs(
+    runs: list[dict], task: str, method: str, budget: float | None = None, variant: str = "default"
+) -> list[dict]:
+    """A method's lr search: its runs of ``variant`` on seed 0 (at ``budget``; None: 6 -> 2), by lr
+    (an ablation runs at the one lr that the default's search selected when it ran)."""
     return sorted(
-        (r for r in _of(runs, task, method, "default", budget) if r["seed"] == 0), key=lambda r: r["lr"]
+        (r for r in _of(runs, task, method, variant, budget) if r["seed"] == 0), key=lambda r: r["lr"]
     )
 
 
 def final_runs(
     runs: list[dict], task: str, method: str, budget: float | None = None, variant: str = "default"
 ) -> list[dict]:
-    """A method's runs at its selected lr (best seed-0 val of the default), by seed; [] before a
+    """A method's runs of ``variant`` at its selected lr (best seed-0 val), by seed; [] before a
     search."""
-    search = search_runs(runs, task, method, budget)
+    search = search_runs(runs, task, method, budget, variant)
     if not search:
         return []
     lr = best_of(search)["lr"]
@@ -242,29 +248,32 @@ def budget_table(runs: list[dict], task: str, shapes: dict, plan: SweepPlan) -> 
 
 
 def score_table(runs: list[dict], task: str, budget: float, variants: dict[str, str]) -> list[str]:
-    """IGU-LoRA's element scores at one budget, at the lr selected for the default score: dev by
-    seed, median, and the paired difference to the default."""
+    """IGU-LoRA's element scores at one budget, each at its selected lr: dev by seed, median, and
+    the paired difference to the default score."""
     default = final_runs(runs, task, "igu", budget)
     if not default or not any(final_runs(runs, task, "igu", budget, v) for v in variants):
         return []
     lines = [
-        f"### {task}: IGU-LoRA's score at an average rank of {budget:g} (lr {default[0]['lr']:g})",
+        f"### {task}: IGU-LoRA's score at an average rank of {budget:g}",
         "",
-        "| score | dev (seeds) | dev median | paired - snr |",
-        "| --- | --- | ---: | --- |",
-        f"| snr (default) | {_acc(r['dev_accuracy'] for r in default)} "
-        f"| {statistics.median(r['dev_accuracy'] for r in default):.4f} | |",
+        "| score | lr | dev (seeds) | dev median | paired - default |",
+        "| --- | ---: | --- | ---: | --- |",
     ]
     base = {r["seed"]: r["dev_accuracy"] for r in default}
-    for variant, label in variants.items():
+    rows = {"default": f"{IGULoraConfig.score} (default)", **variants}
+    for variant, label in rows.items():
         mine = final_runs(runs, task, "igu", budget, variant)
         if not mine:
             continue
         diffs = [r["dev_accuracy"] - base[r["seed"]] for r in mine if r["seed"] in base]
         std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
-        paired = f"{statistics.mean(diffs):+.4f} +- {std:.4f} over {len(diffs)} seeds" if diffs else ""
+        paired = (
+            f"{statistics.mean(diffs):+.4f} +- {std:.4f} over {len(diffs)} seeds"
+            if mine is not default
+            else ""
+        )
         lines.append(
-            f"| {label} | {_acc(r['dev_accuracy'] for r in mine)} "
+            f"| {label} | {mine[0]['lr']:g} | {_acc(r['dev_accuracy'] for r in mine)} "
             f"| {statistics.median(r['dev_accuracy'] for r in mine):.4f} | {paired} |"
         )
     return lines + [""]
@@ -360,11 +369,20 @@ def window_residuals(checks: list, window: int) -> list[float]:
     return out
 
 
+def _fixed_count_twin(runs: list[dict], run: dict) -> dict | None:
+    """The run of ``run``'s task, budget, lr and seed whose overrides are its own without
+    ``ig_steps``: the same settings at the default (fixed) node count."""
+    want = {k: v for k, v in run["overrides"].items() if k != "ig_steps"}
+    same = ("task", "method", "budget", "lr", "seed")
+    return next(
+        (r for r in runs if r["overrides"] == want and all(r.get(k) == run.get(k) for k in same)), None
+    )
+
+
 def auto_nodes_section(runs: list[dict], task: str, out: Path, window: int, fixed: int) -> list[str]:
-    """ig_steps="auto" against the defaults' fixed count, same seeds and lr: the nodes it used,
-    its residual, the IG rows it evaluated, accuracy and allocation."""
+    """ig_steps="auto" against the fixed count of the same settings, seeds and lr: the nodes it
+    used, its residual, the IG rows it evaluated, accuracy and allocation."""
     auto = final_runs(runs, task, "igu", variant="gl-auto")
-    fixed_runs = {r["seed"]: r for r in final_runs(runs, task, "igu")}
     checked = {r["seed"]: r for r in final_runs(runs, task, "igu", variant="gl-3-checked")}
     if not auto:
         return []
@@ -379,7 +397,7 @@ def auto_nodes_section(runs: list[dict], task: str, out: Path, window: int, fixe
     fig, ax = plt.subplots(figsize=(6.4, 3.2))
     for run in auto:
         nodes = [c[1] for c in run["ig_checks"]]
-        base = fixed_runs.get(run["seed"])
+        base = _fixed_count_twin(runs, run)
         reference = checked.get(run["seed"])
         ours = statistics.median(window_residuals(run["ig_checks"], window))
         theirs = "-"
