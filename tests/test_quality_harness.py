@@ -161,6 +161,17 @@ def test_the_task_typed_adalora_baseline_has_peft_s_orthogonality_term(tiny_mode
         assert float(loss_fn(batch)) - task_loss == pytest.approx(0.5 * statistics.mean(norms), rel=1e-5)
 
 
+def test_lora_at_an_average_rank_of_2_is_the_6_to_2_tables_lora(tiny_model_dir):
+    """The sweep's LoRA at budget 2 (r = 2, scale 8) is the 6 -> 2 protocol's LoRA r = 2 run for
+    run: the same adapters, initialisation and loss (so its recorded runs serve both)."""
+    (a, loss_a, _), (b, loss_b, _) = (_built("lora", tiny_model_dir, 12, budget) for budget in (None, 2.0))
+    assert a.peft_config["default"] == b.peft_config["default"]
+    ours, theirs = a.state_dict(), b.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    batch = {"input_ids": torch.randint(1000, 2000, (4, 9)), "labels": torch.tensor([0, 1, 1, 0])}
+    assert float(loss_a(batch)) == float(loss_b(batch))
+
+
 @pytest.mark.parametrize(
     ("method", "budget"),
     [(m, None) for m in glue.ALL_METHODS]
