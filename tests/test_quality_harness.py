@@ -321,3 +321,38 @@ def test_the_score_table_pairs_each_variant_with_the_default_score_by_seed():
     assert f"| {lr:g} | 0.790, 0.800, 0.810 | 0.8000 | -0.0100 +- 0.0000 over 3 seeds |" in row
     assert any(line.startswith("| stable_magnitude (default) |") for line in lines)
     assert not any(line.startswith("| snr") for line in lines)  # not run
+
+
+def test_median_ranks_share_places_on_ties():
+    assert report.median_ranks({"a": 0.9, "b": 0.8}) == {"a": 1, "b": 2}
+    assert report.median_ranks({"a": 0.85, "b": 0.85}) == {"a": 1.5, "b": 1.5}
+
+
+def _cells(task: str, method: str, medians_by_seed: list[float]) -> list[dict]:
+    """A full lr search at budget 2 (lr 2e-3 selected on val) and seeds 1, 2 there."""
+    runs = []
+    for lr in glue.LR_GRID:
+        val = 0.9 if lr == 2e-3 else 0.7
+        runs.append({**record(method, lr, 0, val, medians_by_seed[0]), "task": task, "budget": 2.0})
+    for seed in (1, 2):
+        runs.append({**record(method, 2e-3, seed, 0.5, medians_by_seed[seed]), "task": task, "budget": 2.0})
+    return runs
+
+
+@pytest.mark.parametrize(
+    ("orth_medians", "verdict"),
+    [((0.81, 0.81, 0.79, 0.81), "the rule sets 0.25."), ((0.81, 0.79, 0.79, 0.81), "the rule sets 0.")],
+)
+def test_the_defaults_rule_ranks_medians_per_task_and_a_tie_keeps_0(orth_medians, verdict):
+    plan = report.SweepPlan((2.0,), ("igu",), 3, glue.LR_GRID, glue.budget_ranks, glue.DEFAULTS_TASKS, 2.0)
+    runs = []
+    for task, orth in zip(glue.DEFAULTS_TASKS, orth_medians):
+        runs += _cells(task, "igu", [0.80, 0.79, 0.80])  # median 0.80 on every task
+        runs += _cells(task, "igu-orth", [orth, orth - 0.02, orth + 0.01])
+    lines = report.defaults_section(runs, plan)
+    assert lines[-2].endswith(verdict), lines[-2]
+    row = next(line for line in lines if line.startswith("| rte | IGU-LoRA, orth_reg_weight 0.25 |"))
+    assert f"| 0.002 | {orth_medians[1]:.3f}, " in row and "over 3 seeds" in row
+    assert "Still missing (task / setting): sst2 / lora;" in "\n".join(lines)
+    partial = [r for r in runs if not (r["task"] == "cr" and r["method"] == "igu-orth" and r["seed"] == 2)]
+    assert report.defaults_section(partial, plan)[-2].endswith("undecided until every task has both.")

@@ -196,13 +196,16 @@ def adapter_parameters(run: dict, shapes: dict[str, tuple[int, int]]) -> int:
 @dataclass(frozen=True)
 class SweepPlan:
     """What the budget sweep runs (bench/quality/glue.py): ``ranks(budget)`` gives lora_r (None:
-    no uniform rank), init_r and target_r."""
+    no uniform rank), init_r and target_r; issue #20's defaults are decided on
+    ``default_tasks`` at ``default_budget``."""
 
     budgets: tuple[float, ...]
     methods: tuple[str, ...]
     seeds: int
     lr_grid: tuple[float, ...]
     ranks: Callable[[float], dict]
+    default_tasks: tuple[str, ...] = ()
+    default_budget: float = 2.0
 
 
 def budget_table(runs: list[dict], task: str, shapes: dict, plan: SweepPlan) -> list[str]:
@@ -277,6 +280,71 @@ def score_table(runs: list[dict], task: str, budget: float, variants: dict[str, 
             f"| {statistics.median(r['dev_accuracy'] for r in mine):.4f} | {paired} |"
         )
     return lines + [""]
+
+
+DEFAULT_CELLS = {
+    "lora": "LoRA r = 2 (PEFT)",
+    "adalora": "AdaLoRA (PEFT)",
+    "adalora-orth": "AdaLoRA + orth. term (PEFT)",
+    "igu": "IGU-LoRA, orth_reg_weight 0 (default)",
+    "igu-orth": "IGU-LoRA, orth_reg_weight 0.25",
+}
+
+
+def median_ranks(medians: dict[str, float]) -> dict[str, float]:
+    """Rank 1 for the best median, ties sharing the mean of their places (two equal: 1.5 each)."""
+    ordered = sorted(medians.values(), reverse=True)
+    places = {}
+    for value in set(ordered):
+        at = [i + 1 for i, v in enumerate(ordered) if v == value]
+        places[value] = statistics.mean(at)
+    return {key: places[value] for key, value in medians.items()}
+
+
+def defaults_section(runs: list[dict], plan: SweepPlan) -> list[str]:
+    """Issue #20: every task and setting at one budget point (lr on val, dev over seeds 0 .. n-1,
+    paired by seed against IGU-LoRA's defaults), then the orth_reg_weight rule of docs/results.md:
+    per task the better median of igu / igu-orth ranks 1, the lower mean rank over the tasks wins
+    (a tie keeps 0); undecided until every task has both."""
+    tasks, budget = plan.default_tasks, plan.default_budget
+    ranks = plan.ranks(budget)
+    lines = [
+        f"## The defaults on every task (average rank {budget:g}: {ranks['init_r']} -> {budget:g}, "
+        f"LoRA r = {ranks['lora_r']})",
+        "",
+        "| task | setting | lr | dev (seeds) | dev median | IGU-LoRA default - setting (paired) |",
+        "| --- | --- | ---: | --- | ---: | --- |",
+    ]
+    seeds, missing, rule = set(range(plan.seeds)), [], {}
+    for task in tasks:
+        for method, label in DEFAULT_CELLS.items():
+            search = search_runs(runs, task, method, budget)
+            final = [r for r in final_runs(runs, task, method, budget) if r["seed"] in seeds]
+            if len(search) < len(plan.lr_grid) or {r["seed"] for r in final} != seeds:
+                missing.append(f"{task} / {method}")
+                continue
+            dev = [r["dev_accuracy"] for r in final]
+            if method.startswith("igu"):
+                rule.setdefault(task, {})[method] = statistics.median(dev)
+            paired = paired_line(runs, task, "igu", method, budget) if method != "igu" else ""
+            median = statistics.median(dev)
+            lines.append(f"| {task} | {label} | {final[0]['lr']:g} | {_acc(dev)} | {median:.4f} | {paired} |")
+    lines.append("")
+    if missing:
+        lines += ["Still missing (task / setting): " + "; ".join(missing) + ".", ""]
+    decided = {task: m for task, m in rule.items() if len(m) == 2}
+    if decided:
+        per_task = {task: median_ranks(m) for task, m in decided.items()}
+        mean = {w: statistics.mean(r[w] for r in per_task.values()) for w in ("igu", "igu-orth")}
+        verdict = "0.25" if mean["igu-orth"] < mean["igu"] else "0"
+        done = len(decided) == len(tasks)
+        lines += [
+            f"orth_reg_weight, mean rank of the median over {len(decided)} task(s) "
+            f"({', '.join(decided)}): 0 -> {mean['igu']:g}, 0.25 -> {mean['igu-orth']:g}; "
+            + (f"the rule sets {verdict}." if done else "undecided until every task has both."),
+            "",
+        ]
+    return lines
 
 
 def _saved(fig, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
@@ -437,6 +505,7 @@ def write_report(
             ):
                 if image is not None:
                     lines += [f"![{image.stem}]({image.name})", ""]
+        lines += defaults_section(runs, plan)
     lines += ["## Matched-budget comparison", ""]
     for task in sorted({r["task"] for r in runs}):
         lines += main_table(runs, task)
