@@ -270,11 +270,8 @@ def score_table(runs: list[dict], task: str, budget: float, variants: dict[str, 
             continue
         diffs = [r["dev_accuracy"] - base[r["seed"]] for r in mine if r["seed"] in base]
         std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
-        paired = (
-            f"{statistics.mean(diffs):+.4f} +- {std:.4f} over {len(diffs)} seeds"
-            if mine is not default
-            else ""
-        )
+        paired = f"{statistics.mean(diffs):+.4f} +- {std:.4f} over {len(diffs)} seeds"
+        paired = paired if variant != "default" else ""
         lines.append(
             f"| {label} | {mine[0]['lr']:g} | {_acc(r['dev_accuracy'] for r in mine)} "
             f"| {statistics.median(r['dev_accuracy'] for r in mine):.4f} | {paired} |"
