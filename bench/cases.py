@@ -156,7 +156,7 @@ def score_cases(p: Preset, device: torch.device) -> list[Case]:
     g = torch.Generator(device="cpu").manual_seed(1)
     ig = torch.randn(n, generator=g).to(device)
     ibar, ubar = torch.rand(n, generator=g).to(device), torch.rand(n, generator=g).to(device)
-    kw = dict(beta1=0.85, beta2=0.85, score="snr", eps=1e-12)
+    kw = dict(beta1=0.85, beta2=0.85, score="stable_magnitude", eps=1e-12)  # the default score
     compiled = _compile(reference.score_update)
 
     def runner(fn):

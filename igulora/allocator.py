@@ -154,8 +154,8 @@ class RankAllocator:
         Triplets are ranked by score with a stable sort, so ties never prune more than asked:
         in triplets exactly ``min(budget, total)`` are kept; in parameters the longest prefix of
         the ranking that fits. In ``prune_mode="mask"`` only active triplets are candidates: a
-        pruned triplet never returns (its frozen weights are stale, and the SNR of its decaying
-        EMAs falls only like 1/t), which is what makes compaction exact.
+        pruned triplet never returns (its frozen weights are stale, and its score would come only
+        from EMAs that decay), which is what makes compaction exact.
         """
         scores = self.triplet_scores()
         if not scores:

@@ -85,7 +85,7 @@ def test_report_summarises_dev_over_seeds_at_the_selected_lr(tmp_path):
     path = report.write_report(runs, tmp_path)
     text = path.read_text()
     for method in glue.METHODS:
-        label = report.METHOD_NAMES[method]
+        label = report.METHOD_NAMES[method, "default"]
         dev = [
             r["dev_accuracy"]
             for r in sorted(runs, key=lambda r: r["seed"])
@@ -96,6 +96,28 @@ def test_report_summarises_dev_over_seeds_at_the_selected_lr(tmp_path):
         assert f"{statistics.median(dev):.4f}" in row and f"{statistics.mean(dev):.4f}" in row
     assert f"| every-1 | ig_every=1, score=snr | {expected['igu']:g} | 0.1000 | 0.200 | 0.2000 |" in text
     assert (tmp_path / "sst2-ranks.png").stat().st_size > 0
+
+
+def test_the_6_to_2_tables_keep_the_snr_era_runs_and_their_ablations(tmp_path):
+    """IGU-LoRA's 6 -> 2 runs predate the default score (ig-snr): the tables, pairs, heatmaps
+    and ablations take them as the reference, each variant at its own selected lr."""
+    runs, expected = synthetic_runs(2)
+    for r in runs:
+        if r["method"] == "igu":
+            r.update(variant="ig-snr", overrides=glue.ABLATIONS["ig-snr"])
+    other_lr = next(lr for lr in glue.LR_GRID if lr != expected["igu"])
+    runs.append(record("igu", other_lr, 0, 0.3, 0.4, variant="every-4"))  # run at another lr
+    text = report.write_report(runs, tmp_path).read_text()
+    label = report.METHOD_NAMES["igu", "ig-snr"]
+    assert any(
+        line.startswith(f"| {label} | ") and f"| {expected['igu']:g} | " in line for line in text.splitlines()
+    )
+    assert f"- paired by seed, {label} - AdaLoRA 6->2 (PEFT): dev " in text
+    assert f"| ig-snr | score=snr | {expected['igu']:g} | " in text
+    assert f"| every-4 | ig_every=4, score=snr | {other_lr:g} | 0.3000 | 0.400 | 0.4000 |" in text
+    assert (tmp_path / "sst2-ranks.png").stat().st_size > 0
+    assert glue.reference("every-4") == "ig-snr" and glue.reference("ig-product") == "default"
+    assert glue.selected_lr(runs, "sst2", "igu", variant="ig-snr") == expected["igu"]
 
 
 def test_the_paired_difference_compares_the_same_seeds_at_each_selected_lr():
@@ -316,7 +338,10 @@ def test_the_score_table_pairs_each_variant_with_the_default_score_by_seed():
     runs += [
         {**record("igu", lr, s, 0.5, 0.79 + s / 100, variant="ig-product"), "budget": 0.5} for s in (0, 1, 2)
     ]
-    lines = report.score_table(runs, "sst2", 0.5, report.SCORE_VARIANTS)
+    lines = report.score_table(runs, "sst2", 0.5, report.SCORE_VARIANTS, len(glue.LR_GRID))
+    assert (
+        report.score_table(runs[1:], "sst2", 0.5, report.SCORE_VARIANTS, len(glue.LR_GRID)) == []
+    )  # unsearched
     row = next(line for line in lines if line.startswith("| product"))
     assert f"| {lr:g} | 0.790, 0.800, 0.810 | 0.8000 | -0.0100 +- 0.0000 over 3 seeds |" in row
     default = next(line for line in lines if line.startswith("| stable_magnitude (default) |"))

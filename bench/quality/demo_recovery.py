@@ -43,7 +43,7 @@ SETTINGS = {
     "AdaLoRA score (gradient, product)": dict(ig_rule="gradient", score="product"),
     "IG, product": dict(score="product"),
     "IGU defaults (IG, stable_magnitude)": {},
-    **{name: dict(overrides, score="snr") for name, overrides in _SNR_ERA.items()},
+    **{(n if "snr" in n else f"{n}, snr"): dict(overrides, score="snr") for n, overrides in _SNR_ERA.items()},
 }
 
 

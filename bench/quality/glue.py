@@ -343,15 +343,22 @@ def spec(
     return one if budget is None else {**one, "budget": budget}
 
 
-def selected_lr(runs: list[dict], task: str, method: str, budget: float | None = None) -> float:
-    """The grid lr with the best seed-0 validation accuracy (ties: the smaller lr); a task with
-    ``lr_from`` takes the lr selected on that task."""
+def selected_lr(
+    runs: list[dict], task: str, method: str, budget: float | None = None, variant: str = "default"
+) -> float:
+    """The grid lr with the best seed-0 validation accuracy of ``variant`` (ties: the smaller lr);
+    a task with ``lr_from`` takes the lr selected on that task."""
     task = TASKS[task].get("lr_from", task)
     grid = [r for r in runs if r["task"] == task and r["method"] == method and r["seed"] == 0]
-    grid = [r for r in grid if r["variant"] == "default" and r.get("budget") == budget]
+    grid = [r for r in grid if r["variant"] == variant and r.get("budget") == budget]
     if {r["lr"] for r in grid} != set(LR_GRID):
         raise SystemExit(f"run 'search --task {task}' first: the {method} lr search is incomplete")
     return best_of(grid)["lr"]
+
+
+def reference(variant: str) -> str:
+    """The variant whose lr search an ablation runs at: ig-snr for those of the snr era."""
+    return "ig-snr" if variant in _SNR_ERA else "default"
 
 
 def sweep_specs(runs: list[dict], task: str, methods, budgets, seeds) -> list[dict]:
@@ -423,10 +430,16 @@ def main() -> None:
         seeds = [int(s) for s in (args.seeds or "0,1,2").split(",")]
         sweep(args.task, methods, budgets, seeds, args.runs)
     elif args.experiment == "ablations":
-        lr = args.lr or selected_lr(load_runs(args.runs), args.task, "igu", args.budget)
+        runs = load_runs(args.runs)
         seeds = [int(s) for s in (args.seeds or "0").split(",")]
-        variants = args.variants.split(",")
-        ensure([spec(args.task, "igu", lr, s, v, args.budget) for s in seeds for v in variants], args.runs)
+        # an ablation of the snr era runs at the lr selected for snr, the others at the defaults'
+        lrs = {
+            v: args.lr or selected_lr(runs, args.task, "igu", args.budget, reference(v))
+            for v in args.variants.split(",")
+        }
+        ensure(
+            [spec(args.task, "igu", lr, s, v, args.budget) for s in seeds for v, lr in lrs.items()], args.runs
+        )
     else:
         plan = SweepPlan(BUDGETS, BUDGET_METHODS, 3, LR_GRID, budget_ranks, DEFAULTS_TASKS, DEFAULTS_BUDGET)
         write_report(load_runs(args.runs), RESULTS, linear_shapes(), plan)

@@ -16,13 +16,16 @@ from igulora.config import IGULoraConfig  # noqa: E402
 from igulora.node_budget import WINDOW  # noqa: E402
 from igulora.plots import pyplot, rank_panels  # noqa: E402
 
+# The 6 -> 2 tables' rows, (method, variant): IGU-LoRA's runs there predate the default score.
 METHOD_NAMES = {
-    "lora": "LoRA r=2 (PEFT)",
-    "adalora": "AdaLoRA 6->2 (PEFT)",
-    "adalora-orth": "AdaLoRA 6->2 + orth. term (PEFT, task-typed)",
-    "igu": "IGU-LoRA 6->2 (igulora)",
-    "igu-orth": "IGU-LoRA 6->2, orth_reg_weight 0.25",
+    ("lora", "default"): "LoRA r=2 (PEFT)",
+    ("adalora", "default"): "AdaLoRA 6->2 (PEFT)",
+    ("adalora-orth", "default"): "AdaLoRA 6->2 + orth. term (PEFT, task-typed)",
+    ("igu", "default"): "IGU-LoRA 6->2 (igulora)",
+    ("igu", "ig-snr"): "IGU-LoRA 6->2, snr (the default score until 2026-12-02)",
+    ("igu-orth", "default"): "IGU-LoRA 6->2, orth_reg_weight 0.25",
 }
+IGU_ROWS = (("igu", "default"), ("igu", "ig-snr"))
 SCORE_VARIANTS = {
     "ig-snr": "snr (the paper's; the default until 2026-12-02)",
     "ig-product": "product (AdaLoRA's)",
@@ -62,7 +65,7 @@ def search_runs(
     runs: list[dict], task: str, method: str, budget: float | None = None, variant: str = "default"
 ) -> list[dict]:
     """A method's lr search: its runs of ``variant`` on seed 0 (at ``budget``; None: 6 -> 2), by lr
-    (an ablation runs at the one lr that the default's search selected when it ran)."""
+    (an ablation has one: it runs at the lr its reference's search selected)."""
     return sorted(
         (r for r in _of(runs, task, method, variant, budget) if r["seed"] == 0), key=lambda r: r["lr"]
     )
@@ -83,20 +86,35 @@ def final_runs(
 
 
 def paired_difference(
-    runs: list[dict], task: str, method: str, other: str, budget: float | None = None
+    runs: list[dict],
+    task: str,
+    method: str,
+    other: str,
+    budget: float | None = None,
+    variant: str = "default",
 ) -> tuple[float, float, int]:
-    """Mean and std over the seeds both ran of dev(method) - dev(other), and the number of seeds."""
+    """Mean and std over the seeds both ran of dev(method's ``variant``) - dev(other), and the
+    number of seeds."""
     ours, theirs = (
-        {r["seed"]: r["dev_accuracy"] for r in final_runs(runs, task, m, budget)} for m in (method, other)
+        {r["seed"]: r["dev_accuracy"] for r in final_runs(runs, task, m, budget, v)}
+        for m, v in ((method, variant), (other, "default"))
     )
     diffs = [ours[s] - theirs[s] for s in sorted(ours.keys() & theirs.keys())]
     std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
     return (statistics.mean(diffs) if diffs else 0.0), std, len(diffs)
 
 
-def paired_line(runs: list[dict], task: str, method: str, other: str, budget: float | None = None) -> str:
-    """'dev +d +- s over n seeds (t = ...)' for dev(method) - dev(other) paired by seed; '' below 2."""
-    mean, std, n = paired_difference(runs, task, method, other, budget)
+def paired_line(
+    runs: list[dict],
+    task: str,
+    method: str,
+    other: str,
+    budget: float | None = None,
+    variant: str = "default",
+) -> str:
+    """'dev +d +- s over n seeds (t = ...)' for dev(method's ``variant``) - dev(other) paired by
+    seed; '' below 2."""
+    mean, std, n = paired_difference(runs, task, method, other, budget, variant)
     if n < 2:
         return ""
     t = mean / (std / n**0.5) if std > 0 else float("nan")
@@ -112,11 +130,11 @@ def main_table(runs: list[dict], task: str) -> list[str]:
         "| median step (s)* | peak RSS (MB) |",
         "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: |",
     ]
-    for method, label in METHOD_NAMES.items():
-        final = final_runs(runs, task, method)
+    for (method, variant), label in METHOD_NAMES.items():
+        final = final_runs(runs, task, method, variant=variant)
         if not final:
             continue
-        search = search_runs(runs, task, method)
+        search = search_runs(runs, task, method, variant=variant)
         dev = [r["dev_accuracy"] for r in final]
         grid = ", ".join(f"{r['lr']:g}: {r['val_accuracy']:.3f}" for r in search)
         lines.append(
@@ -125,10 +143,13 @@ def main_table(runs: list[dict], task: str) -> list[str]:
             f"{max(r['peak_rss_mb'] for r in final):.0f} |"
         )
     lines.append("")
-    for other in METHOD_NAMES:
-        line = paired_line(runs, task, "igu", other)
-        if other != "igu" and line:
-            lines.append(f"- paired by seed, IGU-LoRA - {METHOD_NAMES[other]}: {line}")
+    for ours in IGU_ROWS:
+        for other, variant in METHOD_NAMES:
+            line = paired_line(runs, task, "igu", other, variant=ours[1])
+            if variant == "default" and not other.startswith("igu") and line:
+                lines.append(
+                    f"- paired by seed, {METHOD_NAMES[ours]} - {METHOD_NAMES[other, variant]}: {line}"
+                )
     return lines + [
         "",
         "*Inside the accuracy runs (1 thread each, two runs sharing the 2 cores): the fair step cost is "
@@ -138,15 +159,16 @@ def main_table(runs: list[dict], task: str) -> list[str]:
 
 
 def ablation_table(runs: list[dict], task: str, cost: dict[str, float]) -> list[str]:
-    """IGU variants next to the defaults at IGU's selected lr: val of seed 0, dev of every seed."""
+    """IGU variants (6 -> 2) next to their references, the defaults and snr (the defaults of the
+    ablations' era), each of those at its selected lr: val of seed 0, dev of every seed."""
     igu = [r for r in runs if r["task"] == task and r["method"] == "igu" and r.get("budget") is None]
-    defaults = [r for r in igu if r["variant"] == "default" and r["seed"] == 0]
-    if not defaults or all(r["variant"] == "default" for r in igu):
+    references = {v for _, v in IGU_ROWS}
+    if all(r["variant"] in references for r in igu):
         return []
-    lr = best_of(defaults)["lr"]
+    selected = {v: best_of(s)["lr"] for v in references if (s := search_runs(runs, task, "igu", variant=v))}
     groups: dict[tuple[str, float], list[dict]] = {}
     for r in sorted(igu, key=lambda r: r["seed"]):
-        if r["variant"] != "default" or r["lr"] == lr:
+        if r["variant"] not in references or r["lr"] == selected.get(r["variant"]):
             groups.setdefault((r["variant"], r["lr"]), []).append(r)
     lines = [
         f"### {task}: IGU-LoRA ablations",
@@ -156,9 +178,10 @@ def ablation_table(runs: list[dict], task: str, cost: dict[str, float]) -> list[
         "| --- | --- | ---: | ---: | --- | ---: | ---: |",
     ]
 
-    def order(item):  # the defaults first, then by name with numbers in numeric order (gl-2 < gl-16)
+    def order(item):  # the references first, then by name with numbers in numeric order (gl-2 < gl-16)
         (variant, lr), _ = item
-        return variant != "default", [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", variant)], lr
+        named = [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", variant)]
+        return variant not in references, variant != "default", named, lr
 
     for (variant, lr), group in sorted(groups.items(), key=order):
         first, dev = group[0], [r["dev_accuracy"] for r in group]
@@ -175,12 +198,12 @@ def ablation_table(runs: list[dict], task: str, cost: dict[str, float]) -> list[
 def heatmaps(runs: list[dict], task: str, out: Path) -> Path | None:
     """AdaLoRA's and IGU-LoRA's final ranks (seed 0, selected lr) side by side."""
     panels = {}
-    for method in ("adalora", "igu"):
-        final = final_runs(runs, task, method)
+    for method, variant in (("adalora", "default"), *IGU_ROWS):
+        final = final_runs(runs, task, method, variant=variant)
         if final:
             best = final[0]  # seed 0: the run that selected the lr
             ranks = {_module_name(k): v for k, v in best["active_ranks"].items()}
-            panels[f"{METHOD_NAMES[method]}, lr {best['lr']:g}"] = ranks
+            panels[f"{METHOD_NAMES[method, variant]}, lr {best['lr']:g}"] = ranks
     if len(panels) < 2:
         return None
     return rank_panels(panels, out / f"{task}-ranks.png")
@@ -221,6 +244,7 @@ def budget_table(runs: list[dict], task: str, shapes: dict, plan: SweepPlan) -> 
     missing = []
     for budget in plan.budgets:
         ranks = plan.ranks(budget)
+        igu_searched = len(search_runs(runs, task, "igu", budget)) == len(plan.lr_grid)  # to pair with
         for method in plan.methods:
             search, final = search_runs(runs, task, method, budget), final_runs(runs, task, method, budget)
             if method == "lora" and ranks["lora_r"] is None:
@@ -238,7 +262,9 @@ def budget_table(runs: list[dict], task: str, shapes: dict, plan: SweepPlan) -> 
             shape = f"r = {ranks['lora_r']}" if method == "lora" else f"{ranks['init_r']} -> {budget:g}"
             params = statistics.median(adapter_parameters(r, shapes) for r in final)
             grid = ", ".join(f"{r['lr']:g}: {r['val_accuracy']:.3f}" for r in search)
-            paired = paired_line(runs, task, "igu", method, budget) if method != "igu" else ""
+            paired = (
+                paired_line(runs, task, "igu", method, budget) if method != "igu" and igu_searched else ""
+            )
             lr = final[0]["lr"]
             lines.append(
                 f"| {budget:g} | {BUDGET_NAMES[method]} | {shape} | {params:,.0f} | {grid} | {lr:g} "
@@ -250,11 +276,12 @@ def budget_table(runs: list[dict], task: str, shapes: dict, plan: SweepPlan) -> 
     return lines
 
 
-def score_table(runs: list[dict], task: str, budget: float, variants: dict[str, str]) -> list[str]:
+def score_table(runs: list[dict], task: str, budget: float, variants: dict[str, str], grid: int) -> list[str]:
     """IGU-LoRA's element scores at one budget, each at its selected lr: dev by seed, median, and
-    the paired difference to the default score."""
+    the paired difference to the default score (once the default's ``grid`` lrs are searched)."""
     default = final_runs(runs, task, "igu", budget)
-    if not default or not any(final_runs(runs, task, "igu", budget, v) for v in variants):
+    searched = len(search_runs(runs, task, "igu", budget)) == grid
+    if not searched or not any(final_runs(runs, task, "igu", budget, v) for v in variants):
         return []
     lines = [
         f"### {task}: IGU-LoRA's score at an average rank of {budget:g}",
@@ -268,10 +295,11 @@ def score_table(runs: list[dict], task: str, budget: float, variants: dict[str, 
         mine = final_runs(runs, task, "igu", budget, variant)
         if not mine:
             continue
-        diffs = [r["dev_accuracy"] - base[r["seed"]] for r in mine if r["seed"] in base]
-        std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
-        paired = f"{statistics.mean(diffs):+.4f} +- {std:.4f} over {len(diffs)} seeds"
-        paired = paired if variant != "default" else ""
+        paired = ""
+        if variant != "default":
+            diffs = [r["dev_accuracy"] - base[r["seed"]] for r in mine if r["seed"] in base]
+            std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+            paired = f"{statistics.mean(diffs):+.4f} +- {std:.4f} over {len(diffs)} seeds"
         lines.append(
             f"| {label} | {mine[0]['lr']:g} | {_acc(r['dev_accuracy'] for r in mine)} "
             f"| {statistics.median(r['dev_accuracy'] for r in mine):.4f} | {paired} |"
@@ -304,6 +332,8 @@ def defaults_section(runs: list[dict], plan: SweepPlan) -> list[str]:
     per task the better median of igu / igu-orth ranks 1, the lower mean rank over the tasks wins
     (a tie keeps 0); undecided until every task has both."""
     tasks, budget = plan.default_tasks, plan.default_budget
+    if not tasks:
+        return []
     ranks = plan.ranks(budget)
     lines = [
         f"## The defaults on every task (average rank {budget:g}: {ranks['init_r']} -> {budget:g}, "
@@ -314,6 +344,7 @@ def defaults_section(runs: list[dict], plan: SweepPlan) -> list[str]:
     ]
     seeds, missing, rule = set(range(plan.seeds)), [], {}
     for task in tasks:
+        igu_searched = len(search_runs(runs, task, "igu", budget)) == len(plan.lr_grid)  # to pair with
         for method, label in DEFAULT_CELLS.items():
             search = search_runs(runs, task, method, budget)
             final = [r for r in final_runs(runs, task, method, budget) if r["seed"] in seeds]
@@ -321,10 +352,12 @@ def defaults_section(runs: list[dict], plan: SweepPlan) -> list[str]:
                 missing.append(f"{task} / {method}")
                 continue
             dev = [r["dev_accuracy"] for r in final]
-            if method.startswith("igu"):
-                rule.setdefault(task, {})[method] = statistics.median(dev)
-            paired = paired_line(runs, task, "igu", method, budget) if method != "igu" else ""
             median = statistics.median(dev)
+            if method.startswith("igu"):
+                rule.setdefault(task, {})[method] = median
+            paired = (
+                paired_line(runs, task, "igu", method, budget) if method != "igu" and igu_searched else ""
+            )
             lines.append(f"| {task} | {label} | {final[0]['lr']:g} | {_acc(dev)} | {median:.4f} | {paired} |")
     lines.append("")
     if missing:
@@ -495,7 +528,7 @@ def write_report(
         lines += ["## Accuracy against the budget", ""]
         for task in swept:
             lines += budget_table(runs, task, shapes, plan)
-            lines += score_table(runs, task, min(plan.budgets), SCORE_VARIANTS)
+            lines += score_table(runs, task, min(plan.budgets), SCORE_VARIANTS, len(plan.lr_grid))
             for image in (
                 budget_plot(runs, task, shapes, plan, out),
                 budget_heatmaps(runs, task, plan, out),
