@@ -104,17 +104,9 @@ def paired_difference(
     return (statistics.mean(diffs) if diffs else 0.0), std, len(diffs)
 
 
-def paired_line(
-    runs: list[dict],
-    task: str,
-    method: str,
-    other: str,
-    budget: float | None = None,
-    variant: str = "default",
-) -> str:
-    """'dev +d +- s over n seeds (t = ...)' for dev(method's ``variant``) - dev(other) paired by
-    seed; '' below 2."""
-    mean, std, n = paired_difference(runs, task, method, other, budget, variant)
+def paired_line(difference: tuple[float, float, int]) -> str:
+    """'dev +d +- s over n seeds (t = ...)' for a :func:`paired_difference`; '' below 2 seeds."""
+    mean, std, n = difference
     if n < 2:
         return ""
     t = mean / (std / n**0.5) if std > 0 else float("nan")
@@ -145,7 +137,7 @@ def main_table(runs: list[dict], task: str) -> list[str]:
     lines.append("")
     for ours in IGU_ROWS:
         for other, variant in METHOD_NAMES:
-            line = paired_line(runs, task, "igu", other, variant=ours[1])
+            line = paired_line(paired_difference(runs, task, "igu", other, variant=ours[1]))
             if variant == "default" and not other.startswith("igu") and line:
                 lines.append(
                     f"- paired by seed, {METHOD_NAMES[ours]} - {METHOD_NAMES[other, variant]}: {line}"
@@ -263,7 +255,9 @@ def budget_table(runs: list[dict], task: str, shapes: dict, plan: SweepPlan) -> 
             params = statistics.median(adapter_parameters(r, shapes) for r in final)
             grid = ", ".join(f"{r['lr']:g}: {r['val_accuracy']:.3f}" for r in search)
             paired = (
-                paired_line(runs, task, "igu", method, budget) if method != "igu" and igu_searched else ""
+                paired_line(paired_difference(runs, task, "igu", method, budget))
+                if method != "igu" and igu_searched
+                else ""
             )
             lr = final[0]["lr"]
             lines.append(
@@ -356,7 +350,9 @@ def defaults_section(runs: list[dict], plan: SweepPlan) -> list[str]:
             if method.startswith("igu"):
                 rule.setdefault(task, {})[method] = median
             paired = (
-                paired_line(runs, task, "igu", method, budget) if method != "igu" and igu_searched else ""
+                paired_line(paired_difference(runs, task, "igu", method, budget))
+                if method != "igu" and igu_searched
+                else ""
             )
             lines.append(f"| {task} | {label} | {final[0]['lr']:g} | {_acc(dev)} | {median:.4f} | {paired} |")
     lines.append("")
