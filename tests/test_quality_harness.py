@@ -116,6 +116,7 @@ def test_the_6_to_2_tables_keep_the_snr_era_runs_and_their_ablations(tmp_path):
     assert f"| ig-snr | score=snr | {expected['igu']:g} | " in text
     assert f"| every-4 | ig_every=4, score=snr | {other_lr:g} | 0.3000 | 0.400 | 0.4000 |" in text
     assert (tmp_path / "sst2-ranks.png").stat().st_size > 0
+    assert report.main_table([{**r, "task": "cr", "budget": 2.0} for r in runs], "cr") == []  # none at 6 -> 2
     assert glue.reference("every-4") == "ig-snr" and glue.reference("ig-product") == "default"
     assert glue.selected_lr(runs, "sst2", "igu", variant="ig-snr") == expected["igu"]
 

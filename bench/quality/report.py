@@ -114,7 +114,10 @@ def paired_line(difference: tuple[float, float, int]) -> str:
 
 
 def main_table(runs: list[dict], task: str) -> list[str]:
-    """Per method: the lr search on val (seed 0), then dev over seeds at the selected lr."""
+    """Per method: the lr search on val (seed 0), then dev over seeds at the selected lr; [] for a
+    task without 6 -> 2 runs."""
+    if not any(r["task"] == task and r.get("budget") is None for r in runs):
+        return []
     lines = [
         f"### {task}",
         "",
