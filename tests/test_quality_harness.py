@@ -339,10 +339,8 @@ def test_the_score_table_pairs_each_variant_with_the_default_score_by_seed():
     runs += [
         {**record("igu", lr, s, 0.5, 0.79 + s / 100, variant="ig-product"), "budget": 0.5} for s in (0, 1, 2)
     ]
-    lines = report.score_table(runs, "sst2", 0.5, report.SCORE_VARIANTS, len(glue.LR_GRID))
-    assert (
-        report.score_table(runs[1:], "sst2", 0.5, report.SCORE_VARIANTS, len(glue.LR_GRID)) == []
-    )  # unsearched
+    lines = report.score_table(runs, "sst2", 0.5, report.SCORE_VARIANTS, glue.LR_GRID)
+    assert report.score_table(runs[1:], "sst2", 0.5, report.SCORE_VARIANTS, glue.LR_GRID) == []  # unsearched
     row = next(line for line in lines if line.startswith("| product"))
     assert f"| {lr:g} | 0.790, 0.800, 0.810 | 0.8000 | -0.0100 +- 0.0000 over 3 seeds |" in row
     default = next(line for line in lines if line.startswith("| stable_magnitude (default) |"))

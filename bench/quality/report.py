@@ -71,6 +71,11 @@ def search_runs(
     )
 
 
+def lr_searched(runs: list[dict], task: str, method: str, budget: float | None, grid: tuple) -> bool:
+    """Whether ``method``'s lr search at ``budget`` has run every lr of ``grid``."""
+    return len(search_runs(runs, task, method, budget)) == len(grid)
+
+
 def final_runs(
     runs: list[dict], task: str, method: str, budget: float | None = None, variant: str = "default"
 ) -> list[dict]:
@@ -138,12 +143,13 @@ def main_table(runs: list[dict], task: str) -> list[str]:
             f"{max(r['peak_rss_mb'] for r in final):.0f} |"
         )
     lines.append("")
+    baselines = [m for m, v in METHOD_NAMES if v == "default" and not m.startswith("igu")]
     for ours in IGU_ROWS:
-        for other, variant in METHOD_NAMES:
+        for other in baselines:
             line = paired_line(paired_difference(runs, task, "igu", other, variant=ours[1]))
-            if variant == "default" and not other.startswith("igu") and line:
+            if line:
                 lines.append(
-                    f"- paired by seed, {METHOD_NAMES[ours]} - {METHOD_NAMES[other, variant]}: {line}"
+                    f"- paired by seed, {METHOD_NAMES[ours]} - {METHOD_NAMES[other, 'default']}: {line}"
                 )
     return lines + [
         "",
@@ -239,7 +245,7 @@ def budget_table(runs: list[dict], task: str, shapes: dict, plan: SweepPlan) -> 
     missing = []
     for budget in plan.budgets:
         ranks = plan.ranks(budget)
-        igu_searched = len(search_runs(runs, task, "igu", budget)) == len(plan.lr_grid)  # to pair with
+        igu_searched = lr_searched(runs, task, "igu", budget, plan.lr_grid)  # to pair with
         for method in plan.methods:
             search, final = search_runs(runs, task, method, budget), final_runs(runs, task, method, budget)
             if method == "lora" and ranks["lora_r"] is None:
@@ -273,11 +279,12 @@ def budget_table(runs: list[dict], task: str, shapes: dict, plan: SweepPlan) -> 
     return lines
 
 
-def score_table(runs: list[dict], task: str, budget: float, variants: dict[str, str], grid: int) -> list[str]:
+def score_table(
+    runs: list[dict], task: str, budget: float, variants: dict[str, str], grid: tuple
+) -> list[str]:
     """IGU-LoRA's element scores at one budget, each at its selected lr: dev by seed, median, and
-    the paired difference to the default score (once the default's ``grid`` lrs are searched)."""
-    default = final_runs(runs, task, "igu", budget)
-    searched = len(search_runs(runs, task, "igu", budget)) == grid
+    the paired difference to the default score (once the default has searched ``grid``)."""
+    searched = lr_searched(runs, task, "igu", budget, grid)
     if not searched or not any(final_runs(runs, task, "igu", budget, v) for v in variants):
         return []
     lines = [
@@ -286,7 +293,6 @@ def score_table(runs: list[dict], task: str, budget: float, variants: dict[str, 
         "| score | lr | dev (seeds) | dev median | paired - default |",
         "| --- | ---: | --- | ---: | --- |",
     ]
-    base = {r["seed"]: r["dev_accuracy"] for r in default}
     rows = {"default": f"{IGULoraConfig.score} (default)", **variants}
     for variant, label in rows.items():
         mine = final_runs(runs, task, "igu", budget, variant)
@@ -294,9 +300,8 @@ def score_table(runs: list[dict], task: str, budget: float, variants: dict[str, 
             continue
         paired = ""
         if variant != "default":
-            diffs = [r["dev_accuracy"] - base[r["seed"]] for r in mine if r["seed"] in base]
-            std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
-            paired = f"{statistics.mean(diffs):+.4f} +- {std:.4f} over {len(diffs)} seeds"
+            mean, std, n = paired_difference(runs, task, "igu", "igu", budget, variant)
+            paired = f"{mean:+.4f} +- {std:.4f} over {n} seeds"
         lines.append(
             f"| {label} | {mine[0]['lr']:g} | {_acc(r['dev_accuracy'] for r in mine)} "
             f"| {statistics.median(r['dev_accuracy'] for r in mine):.4f} | {paired} |"
@@ -341,7 +346,7 @@ def defaults_section(runs: list[dict], plan: SweepPlan) -> list[str]:
     ]
     seeds, missing, rule = set(range(plan.seeds)), [], {}
     for task in tasks:
-        igu_searched = len(search_runs(runs, task, "igu", budget)) == len(plan.lr_grid)  # to pair with
+        igu_searched = lr_searched(runs, task, "igu", budget, plan.lr_grid)  # to pair with
         for method, label in DEFAULT_CELLS.items():
             search = search_runs(runs, task, method, budget)
             final = [r for r in final_runs(runs, task, method, budget) if r["seed"] in seeds]
@@ -397,7 +402,7 @@ def budget_plot(runs: list[dict], task: str, shapes: dict, plan: SweepPlan, out:
         points = []
         for budget in plan.budgets:
             final = final_runs(runs, task, method, budget)
-            if final and len(search_runs(runs, task, method, budget)) == len(plan.lr_grid):
+            if final and lr_searched(runs, task, method, budget, plan.lr_grid):
                 dev = [r["dev_accuracy"] for r in final]
                 x = statistics.median(adapter_parameters(r, shapes) for r in final)
                 points.append((x, statistics.median(dev), min(dev), max(dev), budget, len(dev)))
@@ -436,7 +441,7 @@ def budget_heatmaps(runs: list[dict], task: str, plan: SweepPlan, out: Path) -> 
     budget, panels = min(plan.budgets), {}
     for method in ("adalora", "adalora-orth", "igu"):
         final = final_runs(runs, task, method, budget)
-        complete = len(search_runs(runs, task, method, budget)) == len(plan.lr_grid)
+        complete = lr_searched(runs, task, method, budget, plan.lr_grid)
         if complete and final and final[0]["seed"] == 0:
             panels[BUDGET_NAMES[method]] = {_module_name(k): v for k, v in final[0]["active_ranks"].items()}
     for variant in SCORE_VARIANTS:
@@ -527,7 +532,7 @@ def write_report(
         lines += ["## Accuracy against the budget", ""]
         for task in swept:
             lines += budget_table(runs, task, shapes, plan)
-            lines += score_table(runs, task, min(plan.budgets), SCORE_VARIANTS, len(plan.lr_grid))
+            lines += score_table(runs, task, min(plan.budgets), SCORE_VARIANTS, plan.lr_grid)
             for image in (
                 budget_plot(runs, task, shapes, plan, out),
                 budget_heatmaps(runs, task, plan, out),
