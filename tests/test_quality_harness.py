@@ -18,6 +18,7 @@ import glue  # noqa: E402
 import report  # noqa: E402
 import runs as runs_file  # noqa: E402
 
+from igulora import IGULoraConfig  # noqa: E402
 from igulora.finetune import FinetuneArgs  # noqa: E402
 
 MODULES = [
@@ -258,6 +259,33 @@ def test_the_budget_sweep_searches_first_then_runs_seeds_at_the_selected_lr():
     )
     with pytest.raises(SystemExit, match="incomplete"):
         glue.selected_lr(runs, "sst2", "igu")  # the 6 -> 2 search is another one
+
+
+def test_recorded_runs_compute_what_their_labels_say_today():
+    """Migration check of the runs file: each record's key, IGU-LoRA's knobs in it, is the key its
+    label makes now. When a library default changes, this fails until the runs it moved are
+    relabelled (as the SNR runs became ``ig-snr``); the sweep itself re-runs them meanwhile."""
+    records = runs_file.load_runs(glue.RESULTS / "runs.jsonl")
+    igu = [r for r in records if r["method"] in glue.IGU_METHODS]
+    assert igu and all(r["igu_config"] for r in igu)
+
+    def label(r: dict) -> dict:
+        return glue.spec(r["task"], r["method"], r["lr"], r["seed"], r["variant"], r.get("budget"))
+
+    stale = [runs_file.run_key(r) for r in records if runs_file.run_key(r) != runs_file.run_key(label(r))]
+    assert not stale, f"{len(stale)} records compute other knobs than their labels now, e.g. {stale[0]}"
+
+
+def test_a_changed_default_is_a_new_run():
+    one = glue.spec("sst2", "igu", 1e-3, 0, budget=2.0)
+    assert one["igu_config"]["score"] == IGULoraConfig.score
+    assert glue.spec("sst2", "igu-orth", 1e-3, 0)["igu_config"]["orth_reg_weight"] == glue.IGU_ORTH_WEIGHT
+    other = "snr" if one["igu_config"]["score"] != "snr" else "product"
+    before = {**one, "igu_config": {**one["igu_config"], "score": other}}  # recorded under another default
+    assert runs_file.run_key(before) != runs_file.run_key(one)
+    todo = glue.sweep_specs([before], "sst2", ["igu"], [2.0], [0])
+    assert runs_file.run_key(one) in {runs_file.run_key(s) for s in todo}  # run again, not read as done
+    assert "igu_config" not in glue.spec("sst2", "adalora", 1e-3, 0)  # baselines: the label alone
 
 
 def test_a_budget_gives_every_method_the_same_multiple_and_lora_only_uniform_ranks():

@@ -90,7 +90,8 @@ METHODS = ("lora", "adalora", "igu")  # the matched-budget tables (6 -> 2)
 # Every method the harness can run: PEFT's AdaLoRA with its orthogonality term (a task-typed
 # PeftModel, what PEFT users get) and IGU-LoRA with igulora's term at PEFT's weight (0.5 per
 # matrix = 0.25 here) beside the defaults.
-ALL_METHODS = ("lora", "adalora", "adalora-orth", "igu", "igu-orth")
+IGU_METHODS = ("igu", "igu-orth")
+ALL_METHODS = ("lora", "adalora", "adalora-orth", *IGU_METHODS)
 BUDGET_METHODS = ("lora", "adalora", "adalora-orth", "igu")
 # The budget sweep: final average rank per adapted linear; the adaptive methods start at
 # INIT_MULTIPLE times it; every adapter scale is SCALE (= lora_alpha / r, as 48 / 6 and 16 / 2).
@@ -178,7 +179,7 @@ def budget_ranks(budget: float | None) -> dict[str, float]:
 def build(method: str, model, args: FinetuneArgs, total_step: int, budget: float | None = None):
     """(module, loss_fn(batch), after_step(step, optimizer)) for one method, on the same backbone
     (IGU-LoRA's after_step compacts pruned ranks away with the optimizer's state)."""
-    if method in ("igu", "igu-orth"):
+    if method in IGU_METHODS:
         igu = get_igu_model(model, igu_config(args, model))
         return (
             igu,
@@ -229,6 +230,20 @@ def method_overrides(method: str, budget: float | None, overrides: dict) -> dict
     if method == "igu-orth":
         overrides["orth_reg_weight"] = IGU_ORTH_WEIGHT
     return overrides
+
+
+def knobs(config) -> dict:
+    """The scoring knobs of an IGULoraConfig that a run records (IGU_KNOBS)."""
+    return {k: getattr(config, k) for k in IGU_KNOBS}
+
+
+def igu_settings(method: str, budget: float | None, overrides: dict) -> dict | None:
+    """The knobs an IGU-LoRA run computes with: the library's defaults under the run's overrides
+    (None for the baselines). Part of the run key, so a changed library default makes new runs
+    instead of reading the old default's records as its own."""
+    if method not in IGU_METHODS:
+        return None
+    return knobs(igu_config(run_args("sst2", 100, **method_overrides(method, budget, overrides)), None))
 
 
 def run_args(task: str, total_step: int, **overrides) -> FinetuneArgs:
@@ -317,9 +332,7 @@ def train_one(spec: dict) -> dict:
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "active_ranks": active_ranks(module),
         "ig_checks": checks,  # [step, nodes, sum(IG), L(theta) - L(0)] per checked scoring step
-        "igu_config": (
-            {k: getattr(module.config, k) for k in IGU_KNOBS} if hasattr(module, "allocator") else None
-        ),
+        "igu_config": knobs(module.config) if hasattr(module, "allocator") else None,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
@@ -332,14 +345,10 @@ def spec(
     task: str, method: str, lr: float, seed: int, variant: str = "default", budget: float | None = None
 ) -> dict:
     """One run; ``budget`` (an average final rank) only for the budget sweep (None: 6 -> 2)."""
-    one = {
-        "task": task,
-        "method": method,
-        "lr": lr,
-        "seed": seed,
-        "variant": variant,
-        "overrides": ABLATIONS.get(variant, {}),
-    }
+    overrides = ABLATIONS.get(variant, {})
+    one = {"task": task, "method": method, "lr": lr, "seed": seed, "variant": variant, "overrides": overrides}
+    if method in IGU_METHODS:
+        one["igu_config"] = igu_settings(method, budget, overrides)
     return one if budget is None else {**one, "budget": budget}
 
 

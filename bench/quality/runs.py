@@ -20,7 +20,9 @@ GLUE = Path(__file__).with_name("glue.py")
 
 
 def run_key(spec: dict) -> str:
+    """What identifies a run: its label, and for IGU-LoRA the knobs it computes with."""
     keys = ("task", "method", "lr", "seed", "variant") + (("budget",) if "budget" in spec else ())
+    keys += ("igu_config",) if spec.get("igu_config") else ()
     return json.dumps({k: spec[k] for k in keys}, sort_keys=True)
 
 
