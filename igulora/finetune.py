@@ -291,7 +291,12 @@ def run_finetune(args: FinetuneArgs) -> dict[str, float]:
         _set_rng_state(state["rng"])
         start = state["step"]
     (output_dir / "args.json").write_text(json.dumps(asdict(args), indent=2) + "\n")
-    metrics = _metrics_logger(output_dir, keep_below=start)
+    metrics = MetricsLogger(
+        output_dir / "metrics.csv",
+        columns=COLUMNS + EVAL_COLUMNS,
+        tensorboard_dir=output_dir / "tensorboard",
+        resume_below=start,
+    )
     row_loss = sequence_classification_row_loss if args.task == "classification" else causal_lm_row_loss
     batches = Batches(train, tokenizer, args)
     bar = tqdm(
@@ -336,13 +341,3 @@ def run_finetune(args: FinetuneArgs) -> dict[str, float]:
         training_curves(metrics.rows, output_dir / "training_curves.png")
     (output_dir / "final_metrics.json").write_text(json.dumps(final, indent=2) + "\n")
     return final
-
-
-def _metrics_logger(output_dir: Path, keep_below: int) -> MetricsLogger:
-    """The run's metrics.csv, cut back to the rows before ``keep_below`` when resuming."""
-    path = output_dir / "metrics.csv"
-    if path.exists():
-        lines = path.read_text().splitlines()
-        kept = [lines[0]] + [line for line in lines[1:] if int(line.split(",", 1)[0]) < keep_below]
-        path.write_text("\n".join(kept) + "\n")
-    return MetricsLogger(path, columns=COLUMNS + EVAL_COLUMNS, tensorboard_dir=output_dir / "tensorboard")

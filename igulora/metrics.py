@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 from igulora.model import IGUModel
@@ -30,21 +31,34 @@ def allocation_metrics(igu: IGUModel, step: int, loss: float) -> dict[str, float
 
 
 class MetricsLogger:
-    """Appends rows to ``metrics.csv`` (header once) and mirrors them to TensorBoard if available."""
+    """Appends rows to ``metrics.csv`` (header once) and mirrors them to TensorBoard if available.
+
+    An existing file is resumed: its rows of steps below ``resume_below`` (all, if None) stay part
+    of the run, each under its column name even if another version wrote other columns."""
 
     def __init__(
-        self, path: str | Path, columns: tuple[str, ...] = COLUMNS, tensorboard_dir: str | Path | None = None
+        self,
+        path: str | Path,
+        columns: tuple[str, ...] = COLUMNS,
+        tensorboard_dir: str | Path | None = None,
+        resume_below: int | None = None,
     ):
         self.path = Path(path)
         self.columns = columns
         self.rows: list[dict[str, float]] = []
-        if self.path.exists():  # resuming: earlier rows stay part of the run
+        if self.path.exists():
             with open(self.path, newline="") as f:
-                self.rows = [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+                reader = csv.DictReader(f)
+                written = list(reader)
+                header = tuple(reader.fieldnames or ())
+            kept = [row for row in written if resume_below is None or int(row["step"]) < resume_below]
+            self.rows = [{k: float(v) for k, v in row.items() if v != ""} for row in kept]
+            if header != columns or len(kept) < len(written):
+                self.columns = columns + tuple(c for c in header if c not in columns)
+                self._rewrite(kept)
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "w", newline="") as f:
-                csv.writer(f).writerow(columns)
+            self._rewrite([])
         self.writer = None
         if tensorboard_dir is not None:
             try:
@@ -53,6 +67,15 @@ class MetricsLogger:
                 pass
             else:
                 self.writer = SummaryWriter(str(tensorboard_dir))
+
+    def _rewrite(self, rows: list[dict[str, str]]) -> None:
+        """The header and ``rows``, replacing the file atomically."""
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(self.columns)
+            writer.writerows([row.get(c, "") for c in self.columns] for row in rows)
+        os.replace(tmp, self.path)
 
     def log(self, row: dict[str, float]) -> None:
         self.rows.append(row)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import math
 
 from igulora.metrics import MetricsLogger
@@ -46,3 +47,19 @@ def test_plots_and_metrics_files(tmp_path):
     lines = (tmp_path / "metrics.csv").read_text().splitlines()
     assert lines[1:3] == ["0,1.0,6,6,1.0,3,0.25", "1,0.5,5,5,1.0,,"]
     assert training_curves(logger.rows, tmp_path / "curves.png").stat().st_size
+
+
+def test_resuming_a_metrics_file_of_other_columns_keeps_each_value_under_its_name(tmp_path):
+    path = tmp_path / "metrics.csv"
+    path.write_text("step,loss,old_metric\n0,2.0,7\n1,1.5,8\n")  # an earlier version's columns
+    logger = MetricsLogger(path)
+    logger.log({"step": 2, "loss": 1.0, "ig_nodes": 3})
+    rows = list(csv.DictReader(path.open()))
+    assert [(r["step"], r["loss"], r["ig_nodes"], r["old_metric"]) for r in rows] == [
+        ("0", "2.0", "", "7"),
+        ("1", "1.5", "", "8"),
+        ("2", "1.0", "3", ""),
+    ]
+    assert [r["step"] for r in logger.rows] == [0.0, 1.0, 2]
+    resumed = MetricsLogger(path, resume_below=1)  # a checkpoint of step 1: later rows are redone
+    assert [r["step"] for r in csv.DictReader(path.open())] == ["0"] and len(resumed.rows) == 1
