@@ -409,3 +409,17 @@ def test_the_defaults_rule_ranks_medians_per_task_and_a_tie_keeps_0(orth_medians
     assert "Still missing (task / setting): sst2 / lora;" in "\n".join(lines)
     partial = [r for r in runs if not (r["task"] == "cr" and r["method"] == "igu-orth" and r["seed"] == 2)]
     assert report.defaults_section(partial, plan)[-2].endswith("undecided until every task has both.")
+
+
+def test_the_defaults_tasks_outside_the_budget_sweep_get_no_budget_curve(tmp_path):
+    plan = report.SweepPlan(
+        (2.0,), ("igu",), 3, glue.LR_GRID, glue.budget_ranks, ("sst2", "cr"), 2.0, sweep_tasks=("sst2",)
+    )
+    runs = [
+        {**run, "active_ranks": dict.fromkeys(MODULES, 2)}
+        for task in ("sst2", "cr")
+        for run in _cells(task, "igu", [0.80, 0.79, 0.80])
+    ]
+    text = report.write_report(runs, tmp_path, dict.fromkeys(MODULES, (24, 37)), plan).read_text()
+    assert "### sst2: accuracy against the budget" in text
+    assert "### cr: accuracy against the budget" not in text and "| cr | IGU-LoRA, orth_reg_weight 0" in text

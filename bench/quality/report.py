@@ -220,8 +220,8 @@ def adapter_parameters(run: dict, shapes: dict[str, tuple[int, int]]) -> int:
 @dataclass(frozen=True)
 class SweepPlan:
     """What the budget sweep runs (bench/quality/glue.py): ``ranks(budget)`` gives lora_r (None:
-    no uniform rank), init_r and target_r; issue #20's defaults are decided on
-    ``default_tasks`` at ``default_budget``."""
+    no uniform rank), init_r and target_r, on ``sweep_tasks`` (None: every task with budget
+    runs); issue #20's defaults are decided on ``default_tasks`` at ``default_budget``."""
 
     budgets: tuple[float, ...]
     methods: tuple[str, ...]
@@ -230,6 +230,7 @@ class SweepPlan:
     ranks: Callable[[float], dict]
     default_tasks: tuple[str, ...] = ()
     default_budget: float = 2.0
+    sweep_tasks: tuple[str, ...] | None = None
 
 
 def budget_table(runs: list[dict], task: str, shapes: dict, plan: SweepPlan) -> list[str]:
@@ -528,6 +529,8 @@ def write_report(
         cost = {r["method"]: r["ratio_to_adalora"] for r in json.loads(cost_file.read_text())["records"]}
     lines = []
     swept = sorted({r["task"] for r in runs if r.get("budget") is not None})
+    if plan and plan.sweep_tasks is not None:  # the defaults' other tasks: in their own table
+        swept = [task for task in swept if task in plan.sweep_tasks]
     if swept and shapes and plan:
         lines += ["## Accuracy against the budget", ""]
         for task in swept:
