@@ -51,8 +51,10 @@ class MetricsLogger:
                 reader = csv.DictReader(f)
                 written = list(reader)
                 header = tuple(reader.fieldnames or ())
-            kept = [row for row in written if resume_below is None or int(row["step"]) < resume_below]
-            self.rows = [{k: float(v) for k, v in row.items() if v != ""} for row in kept]
+            if written and "step" not in header:
+                raise ValueError(f"{self.path} has no 'step' column: not a metrics file of a run")
+            kept = [row for row in written if resume_below is None or float(row["step"] or 0) < resume_below]
+            self.rows = [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in kept]
             if header != columns or len(kept) < len(written):
                 self.columns = columns + tuple(c for c in header if c not in columns)
                 self._rewrite(kept)
@@ -69,7 +71,8 @@ class MetricsLogger:
                 self.writer = SummaryWriter(str(tensorboard_dir))
 
     def _rewrite(self, rows: list[dict[str, str]]) -> None:
-        """The header and ``rows``, replacing the file atomically."""
+        """The header and ``rows``, replacing the file atomically (against a killed process; no
+        fsync, so not against a power cut)."""
         tmp = self.path.with_name(self.path.name + ".tmp")
         with open(tmp, "w", newline="") as f:
             writer = csv.writer(f)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import math
 
+import pytest
+
 from igulora.metrics import MetricsLogger
 from igulora.plots import layer_grid, rank_heatmap, training_curves
 
@@ -63,3 +65,15 @@ def test_resuming_a_metrics_file_of_other_columns_keeps_each_value_under_its_nam
     assert [r["step"] for r in logger.rows] == [0.0, 1.0, 2]
     resumed = MetricsLogger(path, resume_below=1)  # a checkpoint of step 1: later rows are redone
     assert [r["step"] for r in csv.DictReader(path.open())] == ["0"] and len(resumed.rows) == 1
+    (tmp_path / "other.csv").write_text("loss\n1.0\n")
+    with pytest.raises(ValueError, match="no 'step' column"):
+        MetricsLogger(tmp_path / "other.csv")
+
+
+def test_resuming_cuts_the_rows_a_checkpoint_redoes(tmp_path):
+    logger = MetricsLogger(tmp_path / "metrics.csv")
+    for step in range(4):
+        logger.log({"step": step, "loss": 1.0})
+    resumed = MetricsLogger(tmp_path / "metrics.csv", resume_below=2)  # same columns: cut only
+    assert [r["step"] for r in csv.DictReader((tmp_path / "metrics.csv").open())] == ["0", "1"]
+    assert [r["step"] for r in resumed.rows] == [0.0, 1.0]

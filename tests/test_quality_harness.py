@@ -267,7 +267,7 @@ def test_recorded_runs_compute_what_their_labels_say_today():
     relabelled (as the SNR runs became ``ig-snr``); the sweep itself re-runs them meanwhile."""
     records = runs_file.load_runs(glue.RESULTS / "runs.jsonl")
     igu = [r for r in records if r["method"] in glue.IGU_METHODS]
-    assert igu and all(r["igu_config"] for r in igu)
+    assert igu and all(r.get("igu_config") for r in igu)
 
     def label(r: dict) -> dict:
         return glue.spec(r["task"], r["method"], r["lr"], r["seed"], r["variant"], r.get("budget"))

@@ -238,13 +238,14 @@ def knobs(config) -> dict:
     return {k: getattr(config, k) for k in IGU_KNOBS}
 
 
-def igu_settings(method: str, budget: float | None, overrides: dict) -> dict | None:
+def igu_settings(task: str, method: str, budget: float | None, overrides: dict) -> dict | None:
     """The knobs an IGU-LoRA run computes with: the library's defaults under the run's overrides
     (None for the baselines). Part of the run key, so a changed library default makes new runs
-    instead of reading the old default's records as its own."""
+    instead of reading the old default's records as its own. None of IGU_KNOBS depends on the
+    step count, so a nominal one stands in for the task's (run_spec checks the record agrees)."""
     if method not in IGU_METHODS:
         return None
-    return knobs(igu_config(run_args("sst2", 100, **method_overrides(method, budget, overrides)), None))
+    return knobs(igu_config(run_args(task, 100, **method_overrides(method, budget, overrides)), None))
 
 
 def run_args(task: str, total_step: int, **overrides) -> FinetuneArgs:
@@ -345,11 +346,12 @@ def train_one(spec: dict) -> dict:
 def spec(
     task: str, method: str, lr: float, seed: int, variant: str = "default", budget: float | None = None
 ) -> dict:
-    """One run; ``budget`` (an average final rank) only for the budget sweep (None: 6 -> 2)."""
+    """One run; ``budget`` (an average final rank) only for the budget sweep (None: 6 -> 2).
+    IGU-LoRA's carry the knobs they will compute with (``igu_settings``: needs MiniLM installed)."""
     overrides = ABLATIONS.get(variant, {})
     one = {"task": task, "method": method, "lr": lr, "seed": seed, "variant": variant, "overrides": overrides}
     if method in IGU_METHODS:
-        one["igu_config"] = igu_settings(method, budget, overrides)
+        one["igu_config"] = igu_settings(task, method, budget, overrides)
     return one if budget is None else {**one, "budget": budget}
 
 

@@ -3,7 +3,8 @@ claims that let several drivers (lanes, one per core) share it without running a
 
 Each run is ``glue.py one SPEC`` in its own process (its peak RSS is its own); a claim is a file
 holding the driver's pid, taken with O_EXCL and released when the run ends, so a driver that dies
-leaves a claim the next one takes over.
+leaves a claim the next one takes over. Claims are named by ``run_key``: after a change of the key,
+stop every driver before starting one on the new code.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ GLUE = Path(__file__).with_name("glue.py")
 
 
 def run_key(spec: dict) -> str:
-    """What identifies a run: its label, and for IGU-LoRA the knobs it computes with."""
+    """What identifies a run: its label, and for IGU-LoRA the knobs it computes with (a record
+    without them matches no spec, so it is run again)."""
     keys = ("task", "method", "lr", "seed", "variant") + (("budget",) if "budget" in spec else ())
     keys += ("igu_config",) if spec.get("igu_config") else ()
     return json.dumps({k: spec[k] for k in keys}, sort_keys=True)
@@ -87,6 +89,8 @@ def run_spec(spec: dict, path: Path, label: str = "") -> None:
         if out.returncode != 0:
             raise RuntimeError(f"run {run_key(spec)} failed:\n{out.stderr[-3000:]}")
         record = json.loads(out.stdout.strip().splitlines()[-1])
+        if run_key(record) != run_key(spec):  # it would never count as done: the sweep would loop
+            raise RuntimeError(f"run {run_key(spec)} recorded itself as {run_key(record)}")
         record["wall_s"] = round(time.time() - started, 1)
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
