@@ -375,7 +375,7 @@ def defaults_section(runs: list[dict], plan: SweepPlan) -> list[str]:
         done = len(decided) == len(tasks)
         lines += [
             f"orth_reg_weight, mean rank of the median over {len(decided)} task(s) "
-            f"({', '.join(decided)}): 0 -> {mean['igu']:g}, 0.25 -> {mean['igu-orth']:g}; "
+            f"({', '.join(decided)}): 0 -> {mean['igu']:.3g}, 0.25 -> {mean['igu-orth']:.3g}; "
             + (f"the rule sets {verdict}." if done else "undecided until every task has both."),
             "",
         ]
