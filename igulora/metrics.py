@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 
+from igulora.io import atomic_write
 from igulora.model import IGUModel
 
 COLUMNS = ("step", "loss", "budget", "active_rank", "mean_score", "ig_nodes", "ig_residual")
@@ -59,7 +59,6 @@ class MetricsLogger:
                 self.columns = columns + tuple(c for c in header if c not in columns)
                 self._rewrite(kept)
         else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             self._rewrite([])
         self.writer = None
         if tensorboard_dir is not None:
@@ -71,14 +70,15 @@ class MetricsLogger:
                 self.writer = SummaryWriter(str(tensorboard_dir))
 
     def _rewrite(self, rows: list[dict[str, str]]) -> None:
-        """The header and ``rows``, replacing the file atomically (against a killed process; no
-        fsync, so not against a power cut)."""
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(self.columns)
-            writer.writerows([row.get(c, "") for c in self.columns] for row in rows)
-        os.replace(tmp, self.path)
+        """The header and ``rows``, replacing the file atomically."""
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(self.columns)
+                writer.writerows([row.get(c, "") for c in self.columns] for row in rows)
+
+        atomic_write(self.path, write)
 
     def log(self, row: dict[str, float]) -> None:
         self.rows.append(row)
