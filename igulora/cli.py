@@ -10,6 +10,8 @@ from pathlib import Path
 
 from igulora.quadrature import RULES
 
+# FinetuneArgs fields that take an integer or a word: the words
+WORDS = {"ig_steps": ("auto",), "orth_reg_start": ("tinit",)}
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "run.py"
 
 
@@ -58,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     }
     for f in fields(FinetuneArgs):
         if f.name not in given:
-            kind = {"float": float, "int": int, "int | str": _int_or_auto}.get(f.type, str)
+            plain = {"float": float, "int": int}.get(f.type, str)
+            kind = _int_or(*WORDS[f.name]) if f.name in WORDS else plain
             tune.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default)
 
     bench = commands.add_parser("bench", help="run the benchmark harness (bench/run.py)")
@@ -96,9 +99,18 @@ def _bench(bench_args: list[str]) -> None:
     runpy.run_path(str(BENCH), run_name="__main__")
 
 
-def _int_or_auto(value: str) -> int | str:
-    """``--ig-steps``: a node count or ``auto``."""
-    return value if value == "auto" else int(value)
+def _int_or(*words: str):
+    """The type of an option that takes an integer or one of ``words``."""
+
+    def parse(value: str) -> int | str:
+        if value in words:
+            return value
+        try:
+            return int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is neither an integer nor one of {words}") from None
+
+    return parse
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,6 +47,9 @@ class IGULoraConfig:
     ``update_and_allocate`` whose state is elementwise, no FSDP2), masking otherwise; ``True``:
     the same, with a warning when it cannot; ``False``: always mask.
     ``init="adalora"``: E = 0, A, B ~ N(0, 0.02); ``"lora"``: B = 0, A Kaiming-uniform, E = 1.
+    ``orth_reg_weight`` adds AdaLoRA's orthogonality term (method.md) from optimizer step
+    ``orth_reg_start`` on (``"tinit"``: once the initial phase has grown E; from step 0 its gradient
+    alone fills Adam's second moments of A and B while E = 0, docs/results.md).
     """
 
     target_modules: list[str] | str = "all-linear"
@@ -72,6 +75,7 @@ class IGULoraConfig:
     # Off by default: at 0.25 (= PEFT AdaLoRA's 0.5 per matrix) its early gradients slow learning
     # (docs/results.md). method.md's per-adapter mean: PEFT's w per matrix is igulora's w / 2.
     orth_reg_weight: float = 0.0
+    orth_reg_start: int | str = 0  # an optimizer step, or "tinit"
     ig_rule: str = "gauss_legendre"  # defaults from docs/results.md (IG accuracy study)
     ig_steps: int | str = 3  # or "auto"
     ig_tolerance: float = 0.09  # 3 nodes' residual in the IG accuracy study (docs/results.md)
@@ -150,6 +154,9 @@ class IGULoraConfig:
             fail("score_eps", "must be >= 0")
         if self.orth_reg_weight < 0:
             fail("orth_reg_weight", "must be >= 0")
+        start = self.orth_reg_start
+        if start != "tinit" and (isinstance(start, bool) or not isinstance(start, int) or start < 0):
+            fail("orth_reg_start", "must be an optimizer step (an integer >= 0) or 'tinit'")
         if self.compact not in (None, True, False):
             fail("compact", "must be None (on where exact), True or False")
 
@@ -157,6 +164,11 @@ class IGULoraConfig:
     def tracks_completeness(self) -> bool:
         """Whether scoring steps compute the completeness residual."""
         return self.ig_steps == "auto" or self.ig_residual
+
+    @property
+    def orth_reg_from(self) -> int:
+        """The first optimizer step whose loss carries the orthogonality term."""
+        return self.tinit if self.orth_reg_start == "tinit" else self.orth_reg_start
 
     @property
     def scaling(self) -> float:

@@ -73,6 +73,7 @@ class FinetuneArgs:
     ig_every: int = IGULoraConfig.ig_every
     score: str = IGULoraConfig.score
     orth_reg_weight: float = IGULoraConfig.orth_reg_weight
+    orth_reg_start: int | str = IGULoraConfig.orth_reg_start
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -129,6 +130,7 @@ def igu_config(args: FinetuneArgs, model) -> IGULoraConfig:
         ig_every=args.ig_every,
         score=args.score,
         orth_reg_weight=args.orth_reg_weight,
+        orth_reg_start=args.orth_reg_start,
         seed=args.seed,
         base_model_name_or_path=str(args.model),
     )

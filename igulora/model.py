@@ -252,7 +252,7 @@ class IGUModel(nn.Module):
         else:
             loss = train_loss = mean_loss(row_loss_fn)(module, batch)
         self.last_loss = train_loss.detach()
-        if self.config.orth_reg_weight > 0:
+        if self.config.orth_reg_weight > 0 and self.step >= self.config.orth_reg_from:
             loss = loss + self.config.orth_reg_weight * self.orthogonality_loss()
         return loss
 

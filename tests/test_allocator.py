@@ -185,6 +185,25 @@ def test_state_dict_round_trip():
         other.allocator.load_state_dict(state)
 
 
+@pytest.mark.parametrize("start, first", [(0, 0), (3, 3), ("tinit", 2)])
+def test_orthogonality_term_enters_the_loss_from_orth_reg_start(start, first):
+    """The training loss is the task's before step ``first`` and the task's plus the weighted term
+    from it on (``"tinit"``: the end of the initial phase, 2 here)."""
+    igu = _igu(orth_reg_weight=0.3, orth_reg_start=start, ig_rule="gradient")
+    assert igu.config.orth_reg_from == first
+    x, y = torch.randn(8, 6), torch.randn(8, 3)
+    batch = {"x": x, "y": y}
+
+    def row_loss(module, b):
+        return (module(b["x"]) - b["y"]).pow(2).sum(dim=1), torch.full((8,), 3.0)
+
+    for step in range(5):
+        igu.step = step
+        task = (igu(x) - y).pow(2).mean()
+        expected = task + 0.3 * igu.orthogonality_loss() if step >= first else task
+        torch.testing.assert_close(igu.training_loss(batch, row_loss), expected)
+
+
 def test_orthogonality_loss():
     igu = _igu()
     with torch.no_grad():

@@ -33,6 +33,9 @@ BASE = dict(total_step=100, tinit=10, tfinal=20)
         ("init", dict(init="gaussian")),
         ("target_modules", dict(target_modules=[])),
         ("orth_reg_weight", dict(orth_reg_weight=-1.0)),
+        ("orth_reg_start", dict(orth_reg_start=-1)),
+        ("orth_reg_start", dict(orth_reg_start="late")),
+        ("orth_reg_start", dict(orth_reg_start=True)),
     ],
 )
 def test_invalid_values_name_the_field(field, overrides):

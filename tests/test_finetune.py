@@ -198,6 +198,7 @@ def test_orth_reg_weight_reaches_the_config(tmp_path, tiny_model_dir):
 
     from igulora.finetune import igu_config
 
-    args = _args(tmp_path, tiny_model_dir / "bert", orth_reg_weight=0.3)
+    args = _args(tmp_path, tiny_model_dir / "bert", orth_reg_weight=0.3, orth_reg_start="tinit")
     model = AutoModelForSequenceClassification.from_pretrained(args.model)
-    assert igu_config(args, model).orth_reg_weight == 0.3
+    config = igu_config(args, model)
+    assert (config.orth_reg_weight, config.orth_reg_from) == (0.3, config.tinit) and config.tinit > 0

@@ -288,6 +288,13 @@ def test_a_changed_default_is_a_new_run():
     assert "igu_config" not in glue.spec("sst2", "adalora", 1e-3, 0)  # baselines: the label alone
 
 
+def test_a_later_knob_keys_only_the_runs_that_move_it():
+    """orth_reg_start came after the runs file: at its old value (0) the key is the one recorded
+    before it existed; igu-orth-late's 'tinit' makes a key of its own."""
+    orth, late = (glue.spec("subj", m, 2e-3, 0, budget=2.0)["igu_config"] for m in glue.ORTH_OVERRIDES)
+    assert late == {**orth, "orth_reg_start": "tinit"} and "orth_reg_start" not in orth
+
+
 def test_a_budget_gives_every_method_the_same_multiple_and_lora_only_uniform_ranks():
     for budget in glue.BUDGETS:
         ranks = glue.budget_ranks(budget)
@@ -409,6 +416,22 @@ def test_the_defaults_rule_ranks_medians_per_task_and_a_tie_keeps_0(orth_medians
     assert "Still missing (task / setting): sst2 / lora;" in "\n".join(lines)
     partial = [r for r in runs if not (r["task"] == "cr" and r["method"] == "igu-orth" and r["seed"] == 2)]
     assert report.defaults_section(partial, plan)[-2].endswith("undecided until every task has both.")
+
+
+def test_the_fix_cells_pair_with_the_term_from_step_0_and_stay_out_of_the_rule():
+    plan = report.SweepPlan((2.0,), ("igu",), 3, glue.LR_GRID, glue.budget_ranks, glue.DEFAULTS_TASKS, 2.0)
+    runs = []
+    for task in glue.DEFAULTS_TASKS:
+        runs += _cells(task, "igu", [0.80, 0.79, 0.80]) + _cells(task, "igu-orth", [0.81, 0.79, 0.82])
+    before = report.defaults_section(runs, plan)
+    lines = report.defaults_section(runs + _cells("subj", "igu-orth-late", [0.83, 0.80, 0.81]), plan)
+    # seed by seed 0.83 - 0.81, 0.80 - 0.79, 0.81 - 0.82
+    fix = "The term from tinit against from step 0 (paired): subj dev +0.0067 +- 0.0153"
+    assert lines[-2].startswith(fix), lines[-2]
+    assert lines[-4] == before[-2] and "the rule sets" in lines[-4]  # the rule's line did not move
+    row = "| subj | IGU-LoRA, orth_reg_weight 0.25 from tinit | 0.002 | 0.830, 0.800, 0.810 | 0.8100 |"
+    assert any(line.startswith(row) for line in lines)
+    assert not any("igu-orth-late" in line for line in lines)  # not run elsewhere: not "missing"
 
 
 def test_the_defaults_tasks_outside_the_budget_sweep_get_no_budget_curve(tmp_path):

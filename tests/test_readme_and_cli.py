@@ -76,8 +76,12 @@ def test_cli_finetune_takes_auto_nodes_and_the_residual_flag():
     assert (args.ig_steps, args.ig_residual) == ("auto", True)
     args = build_parser().parse_args([*base, "--max-steps", "5", "--ig-steps", "4"])
     assert (args.ig_steps, args.ig_residual) == (4, False)
-    with pytest.raises(SystemExit):
-        build_parser().parse_args([*base, "--max-steps", "5", "--ig-steps", "many"])
+    args = build_parser().parse_args([*base, "--max-steps", "5", "--orth-reg-start", "tinit"])
+    assert (args.orth_reg_start, args.ig_steps) == ("tinit", 3)
+    assert build_parser().parse_args([*base, "--max-steps", "5", "--orth-reg-start", "7"]).orth_reg_start == 7
+    for option, value in (("--ig-steps", "many"), ("--orth-reg-start", "late")):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([*base, "--max-steps", "5", option, value])
 
 
 def test_cli_bench_runs_the_harness(tmp_path, capsys):

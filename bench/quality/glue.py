@@ -18,9 +18,10 @@ head trained, AdamW with 6% warm-up and linear decay, batch 32. Matched budget: 
 (alpha 16); AdaLoRA init_r 6 -> target_r 2 (alpha 48, tinit 10%, tfinal 20%, deltaT 10, betas
 0.85), with ("adalora-orth", task-typed) or without ("adalora", see build()) PEFT's
 orthogonality term; IGU-LoRA the same schedule with the library's defaults ("igu-orth": its term
-at 0.25). Budget sweep: an average final rank of 0.5-4 from INIT_MULTIPLE times it, every scale
-lora_alpha / r = SCALE. A fixed 10% of train (of the file, after a fixed 10% test carve, for
-SUBJ and CR) is the validation split that selects the learning rate; dev / test is only reported.
+at 0.25; "igu-orth-late": the same from tinit on). Budget sweep: an average final rank of 0.5-4
+from INIT_MULTIPLE times it, every scale lora_alpha / r = SCALE. A fixed 10% of train (of the
+file, after a fixed 10% test carve, for SUBJ and CR) is the validation split that selects the
+learning rate; dev / test is only reported.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ METHODS = ("lora", "adalora", "igu")  # the matched-budget tables (6 -> 2)
 # Every method the harness can run: PEFT's AdaLoRA with its orthogonality term (a task-typed
 # PeftModel, what PEFT users get) and IGU-LoRA with igulora's term at PEFT's weight (0.5 per
 # matrix = 0.25 here) beside the defaults.
-IGU_METHODS = ("igu", "igu-orth")
+IGU_METHODS = ("igu", "igu-orth", "igu-orth-late")
 ALL_METHODS = ("lora", "adalora", "adalora-orth", *IGU_METHODS)
 BUDGET_METHODS = ("lora", "adalora", "adalora-orth", "igu")
 # The budget sweep: final average rank per adapted linear; the adaptive methods start at
@@ -102,10 +103,17 @@ SWEEP_TASKS = ("sst2", "rte")  # every budget (issue #17)
 DEFAULTS_TASKS, DEFAULTS_BUDGET = ("sst2", "rte", "subj", "cr"), 2.0  # issue #20, one budget
 INIT_MULTIPLE, SCALE = 4, 8.0
 IGU_ORTH_WEIGHT = 0.25
+# igu-orth's term from step 0; igu-orth-late's once the initial phase has grown E (issue #20.3)
+ORTH_OVERRIDES = {
+    "igu-orth": dict(orth_reg_weight=IGU_ORTH_WEIGHT),
+    "igu-orth-late": dict(orth_reg_weight=IGU_ORTH_WEIGHT, orth_reg_start="tinit"),
+}
 LR_GRID = (1e-3, 2e-3, 5e-3)  # the same grid for every method
 VAL_FRACTION, TEST_FRACTION, SPLIT_SEED = 0.1, 0.1, 12345
 # recorded per run
 IGU_KNOBS = ("init", "ig_rule", "ig_steps", "ig_every", "ig_fraction", "score", "orth_reg_weight")
+# knobs added later, recorded only where they differ from what every earlier run computed with
+LATER_KNOBS = {"orth_reg_start": 0}
 ENCODER_LINEARS = r".*encoder\.layer\.\d+\..*(query|key|value|dense)$"
 # IGU-LoRA ablations: FinetuneArgs overrides (run at IGU's selected lr unless --lr is given).
 # Those of the defaults before 2026-12-02, whose score was snr, name it: their runs had it.
@@ -223,19 +231,18 @@ def build(method: str, model, args: FinetuneArgs, total_step: int, budget: float
 
 
 def method_overrides(method: str, budget: float | None, overrides: dict) -> dict:
-    """FinetuneArgs overrides of a run: a variant's, the budget's ranks, igu-orth's weight."""
+    """FinetuneArgs overrides of a run: a variant's, the budget's ranks, the orthogonality term's."""
     overrides = dict(overrides)
     if budget is not None:
         ranks = budget_ranks(budget)
         overrides.update(init_r=ranks["init_r"], target_r=budget, lora_alpha=SCALE * ranks["init_r"])
-    if method == "igu-orth":
-        overrides["orth_reg_weight"] = IGU_ORTH_WEIGHT
-    return overrides
+    return {**overrides, **ORTH_OVERRIDES.get(method, {})}
 
 
 def knobs(config) -> dict:
-    """The scoring knobs of an IGULoraConfig that a run records (IGU_KNOBS)."""
-    return {k: getattr(config, k) for k in IGU_KNOBS}
+    """The scoring knobs of an IGULoraConfig that a run records (IGU_KNOBS, LATER_KNOBS)."""
+    later = {k: getattr(config, k) for k, before in LATER_KNOBS.items() if getattr(config, k) != before}
+    return {**{k: getattr(config, k) for k in IGU_KNOBS}, **later}
 
 
 def igu_settings(task: str, method: str, budget: float | None, overrides: dict) -> dict | None:
