@@ -49,6 +49,8 @@ def task_over_sqrt_v(igu, optimizer, loss_fn, batch, steps: int) -> float:
     ratios = []
     for layer in igu.adapters.values():
         for p in (layer.lora_A, layer.lora_B):
+            if p.grad is None:  # an adapter the budget has emptied
+                continue
             v = optimizer.state[p]["exp_avg_sq"] / (1 - BETA2**steps)
             ratios.append(float(p.grad.pow(2).mean().sqrt() / v.mean().sqrt()))
     optimizer.zero_grad()
@@ -77,7 +79,8 @@ def measure(task: str, lr: float, method: str, steps: int, train, tokenizer) -> 
         optimizer.zero_grad()
         losses.append(float(igu.last_loss))
         if (step + 1) % 10 == 0:
-            norms = [float(layer.lora_A.detach().norm(dim=1).mean()) for layer in igu.adapters.values()]
+            a_matrices = [layer.lora_A.detach() for layer in igu.adapters.values()]
+            norms = [float(a.norm(dim=1).mean()) for a in a_matrices if len(a)]  # emptied ones: no rows
             rows.append(
                 {
                     "step": step + 1,
