@@ -295,15 +295,19 @@ def active_ranks(module) -> dict[str, int]:
     return ranks
 
 
+def epoch_steps(task: str, train: list) -> int:
+    """The optimizer steps of a run on ``task``: its epochs of full batches of 32."""
+    return TASKS[task]["epochs"] * (len(train) // 32)
+
+
 def train_one(spec: dict) -> dict:
     """Train one (task, method, lr, seed, overrides) run; returns its record."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     torch.set_num_threads(int(os.environ.get("GLUE_THREADS", torch.get_num_threads())))
-    task = TASKS[spec["task"]]
     train, val, dev = split_train(spec["task"])
     path = minilm_path()
-    total_step = spec.get("max_steps") or task["epochs"] * (len(train) // 32)
+    total_step = spec.get("max_steps") or epoch_steps(spec["task"], train)
     budget = spec.get("budget")
     overrides = method_overrides(spec["method"], budget, spec.get("overrides", {}))
     args = run_args(spec["task"], total_step, seed=spec["seed"], lr=spec["lr"], **overrides)

@@ -30,6 +30,7 @@ from glue import (
     IGU_METHODS,
     TASKS,
     build,
+    epoch_steps,
     method_overrides,
     minilm_path,
     run_args,
@@ -62,7 +63,7 @@ def measure(task: str, lr: float, method: str, steps: int, train, tokenizer) -> 
     step, task gradient / sqrt(v), A's mean row norm, the loss of the last 10 steps."""
     from transformers import AutoModelForSequenceClassification
 
-    total_step = TASKS[task]["epochs"] * (len(train) // 32)
+    total_step = epoch_steps(task, train)
     args = run_args(task, total_step, lr=lr, **method_overrides(method, DEFAULTS_BUDGET, {}))
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
