@@ -157,6 +157,12 @@ class IGULoraConfig:
         start = self.orth_reg_start
         if start != "tinit" and (isinstance(start, bool) or not isinstance(start, int) or start < 0):
             fail("orth_reg_start", "must be an optimizer step (an integer >= 0) or 'tinit'")
+        if self.orth_reg_weight > 0 and self.orth_reg_from >= self.total_step:
+            fail(
+                "orth_reg_start",
+                f"starts the orthogonality term at step {self.orth_reg_from}, at or past "
+                f"total_step={self.total_step}: it would never apply",
+            )
         if self.compact not in (None, True, False):
             fail("compact", "must be None (on where exact), True or False")
 

@@ -36,6 +36,7 @@ BASE = dict(total_step=100, tinit=10, tfinal=20)
         ("orth_reg_start", dict(orth_reg_start=-1)),
         ("orth_reg_start", dict(orth_reg_start="late")),
         ("orth_reg_start", dict(orth_reg_start=True)),
+        ("orth_reg_start", dict(orth_reg_weight=0.1, orth_reg_start=100)),
     ],
 )
 def test_invalid_values_name_the_field(field, overrides):
