@@ -108,6 +108,7 @@ def igu_method(factory, compact: bool):
         target_r=TARGET_R,
         total_step=TOTAL_STEP,
         tfinal=TFINAL,
+        orth_reg_weight=0.0,  # compaction is exact, so on, only without the term
         compact=compact,
     )
     igu = get_igu_model(model, config).train()

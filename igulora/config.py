@@ -47,7 +47,8 @@ class IGULoraConfig:
     ``update_and_allocate`` whose state is elementwise, no FSDP2), masking otherwise; ``True``:
     the same, with a warning when it cannot; ``False``: always mask.
     ``init="adalora"``: E = 0, A, B ~ N(0, 0.02); ``"lora"``: B = 0, A Kaiming-uniform, E = 1.
-    ``orth_reg_weight`` adds AdaLoRA's orthogonality term (method.md) from optimizer step
+    ``orth_reg_weight`` (default 0.25, by the rule of docs/results.md on four tasks; 0 turns it
+    off and lets ``compact`` run) adds AdaLoRA's orthogonality term (method.md) from optimizer step
     ``orth_reg_start`` on (``"tinit"``: once the initial phase has grown E; from step 0 its gradient
     alone fills Adam's second moments of A and B while E = 0, docs/results.md).
     """
@@ -74,7 +75,7 @@ class IGULoraConfig:
     score_eps: float = 1e-12
     # Off by default: at 0.25 (= PEFT AdaLoRA's 0.5 per matrix) its early gradients slow learning
     # (docs/results.md). method.md's per-adapter mean: PEFT's w per matrix is igulora's w / 2.
-    orth_reg_weight: float = 0.0
+    orth_reg_weight: float = 0.25  # PEFT AdaLoRA's 0.5 per matrix; chosen on four tasks
     orth_reg_start: int | str = 0  # an optimizer step, or "tinit"
     ig_rule: str = "gauss_legendre"  # defaults from docs/results.md (IG accuracy study)
     ig_steps: int | str = 3  # or "auto"

@@ -193,10 +193,11 @@ class IGUModel(nn.Module):
         return {name: layer.active_rank for name, layer in self.adapters.items()}
 
     def orthogonality_loss(self) -> torch.Tensor:
-        """``mean over adapters of ||A A^T - I||_F + ||B^T B - I||_F`` (method.md, section 1)."""
+        """``mean over adapters of ||A A^T - I||_F + ||B^T B - I||_F`` (method.md, section 1); of
+        the whole matrices under FSDP2 (gathered, differentiably: every rank computes the same)."""
         total = 0.0
         for layer in self.adapters.values():
-            A, B = layer.lora_A, layer.lora_B
+            A, B = full_tensor(layer.lora_A), full_tensor(layer.lora_B)
             eye = torch.eye(layer.r, dtype=A.dtype, device=A.device)
             total = (
                 total + torch.linalg.matrix_norm(A @ A.t() - eye) + torch.linalg.matrix_norm(B.t() @ B - eye)
@@ -317,14 +318,14 @@ class IGUModel(nn.Module):
         explicit = c.compact is True
         if c.compact is False:
             return "compact=False", False
+        if any(hasattr(layer.lora_A, "full_tensor") for layer in self.adapters.values()):
+            return "FSDP2 shards the adapters (a DTensor cannot be sliced in place)", True
         if c.prune_mode != "mask":
             return "prune_mode='zero' lets pruned triplets return", explicit
         if c.orth_reg_weight > 0:
             return "the orthogonality term reaches every rank, pruned or not", explicit
         if optimizer is None and not restoring:
             return "update_and_allocate was given no optimizer= to slice the state of", explicit
-        if any(hasattr(layer.lora_A, "full_tensor") for layer in self.adapters.values()):
-            return "FSDP2 shards the adapters (a DTensor cannot be sliced in place)", True
         if restoring:
             return None, False
         why = unknown_optimizer(optimizer)

@@ -105,7 +105,8 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 
 def short_run_config(steps: int, **overrides):
     """An IGU-LoRA config for a few-step run of tiny_bert: adapters on query and value, the
-    classifier trained, 4 -> 2 ranks, IG and allocation every step after 2 warm-up steps."""
+    classifier trained, 4 -> 2 ranks, IG and allocation every step after 2 warm-up steps; no
+    orthogonality term, so that pruned ranks are compacted (exact only without it)."""
     from igulora import IGULoraConfig
 
     base = dict(
@@ -121,6 +122,7 @@ def short_run_config(steps: int, **overrides):
         ig_steps=2,
         ig_fraction=1.0,
         ig_every=1,
+        orth_reg_weight=0.0,
     )
     return IGULoraConfig(**{**base, **overrides})
 

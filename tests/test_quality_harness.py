@@ -280,6 +280,10 @@ def test_a_changed_default_is_a_new_run():
     one = glue.spec("sst2", "igu", 1e-3, 0, budget=2.0)
     assert one["igu_config"]["score"] == IGULoraConfig.score
     assert glue.spec("sst2", "igu-orth", 1e-3, 0)["igu_config"]["orth_reg_weight"] == glue.IGU_ORTH_WEIGHT
+    # each IGU method names its term, whatever the library's default: igu-orth is the defaults now
+    assert one["igu_config"]["orth_reg_weight"] == 0 and IGULoraConfig.orth_reg_weight == glue.IGU_ORTH_WEIGHT
+    ablation = glue.spec("sst2", "igu", 1e-3, 0, "orth-0.25")["igu_config"]
+    assert ablation["orth_reg_weight"] == 0.25  # a variant's own term wins over its method's
     other = "snr" if one["igu_config"]["score"] != "snr" else "product"
     before = {**one, "igu_config": {**one["igu_config"], "score": other}}  # recorded under another default
     assert runs_file.run_key(before) != runs_file.run_key(one)
@@ -291,7 +295,9 @@ def test_a_changed_default_is_a_new_run():
 def test_a_later_knob_keys_only_the_runs_that_move_it():
     """orth_reg_start came after the runs file: at its old value (0) the key is the one recorded
     before it existed; igu-orth-late's 'tinit' makes a key of its own."""
-    orth, late = (glue.spec("subj", m, 2e-3, 0, budget=2.0)["igu_config"] for m in glue.ORTH_OVERRIDES)
+    orth, late = (
+        glue.spec("subj", m, 2e-3, 0, budget=2.0)["igu_config"] for m in ("igu-orth", "igu-orth-late")
+    )
     assert late == {**orth, "orth_reg_start": "tinit"} and "orth_reg_start" not in orth
 
 
@@ -342,7 +348,7 @@ def test_the_budget_report_counts_parameters_and_says_what_is_missing(tmp_path):
     lines = report.budget_table(runs, "sst2", shapes, plan)
     text = "\n".join(lines)
     assert "| 0.5 | LoRA (PEFT) | no uniform rank |" in text
-    row = next(line for line in lines if line.startswith("| 1 | IGU-LoRA |"))
+    row = next(line for line in lines if line.startswith(f"| 1 | {report.BUDGET_NAMES['igu']} |"))
     assert f"| {len(MODULES) * 62:,} |" in row and f"| {glue.LR_GRID[-1]:g} |" in row
     assert "0.5 / igu: lr search (0 of 3)" in text and "1 / lora: lr search (1 of 3)" in text
     assert report.budget_plot(runs, "sst2", shapes, plan, tmp_path).stat().st_size > 0
@@ -411,7 +417,7 @@ def test_the_defaults_rule_ranks_medians_per_task_and_a_tie_keeps_0(orth_medians
         runs += _cells(task, "igu-orth", [orth, orth - 0.02, orth + 0.01])
     lines = report.defaults_section(runs, plan)
     assert lines[-2].endswith(verdict), lines[-2]
-    row = next(line for line in lines if line.startswith("| rte | IGU-LoRA, orth_reg_weight 0.25 |"))
+    row = next(line for line in lines if line.startswith(f"| rte | {report.DEFAULT_CELLS['igu-orth']} |"))
     assert f"| 0.002 | {orth_medians[1]:.3f}, " in row and "over 3 seeds" in row
     assert "Still missing (task / setting): sst2 / lora;" in "\n".join(lines)
     partial = [r for r in runs if not (r["task"] == "cr" and r["method"] == "igu-orth" and r["seed"] == 2)]

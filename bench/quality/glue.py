@@ -18,7 +18,8 @@ head trained, AdamW with 6% warm-up and linear decay, batch 32. Matched budget: 
 (alpha 16); AdaLoRA init_r 6 -> target_r 2 (alpha 48, tinit 10%, tfinal 20%, deltaT 10, betas
 0.85), with ("adalora-orth", task-typed) or without ("adalora", see build()) PEFT's
 orthogonality term; IGU-LoRA the same schedule with the library's defaults ("igu-orth": its term
-at 0.25; "igu-orth-late": the same from tinit on). Budget sweep: an average final rank of 0.5-4
+at 0.25, the default since issue #20; "igu": without it, the default before; "igu-orth-late": the
+term from tinit on). Budget sweep: an average final rank of 0.5-4
 from INIT_MULTIPLE times it, every scale lora_alpha / r = SCALE. A fixed 10% of train (of the
 file, after a fixed 10% test carve, for SUBJ and CR) is the validation split that selects the
 learning rate; dev / test is only reported.
@@ -93,7 +94,7 @@ METHODS = ("lora", "adalora", "igu")  # the matched-budget tables (6 -> 2)
 # matrix = 0.25 here) beside the defaults.
 IGU_METHODS = ("igu", "igu-orth", "igu-orth-late")
 ALL_METHODS = ("lora", "adalora", "adalora-orth", *IGU_METHODS)
-BUDGET_METHODS = ("lora", "adalora", "adalora-orth", "igu")
+BUDGET_METHODS = ("lora", "adalora", "adalora-orth", "igu-orth", "igu")
 # The budget sweep: final average rank per adapted linear; the adaptive methods start at
 # INIT_MULTIPLE times it; every adapter scale is SCALE (= lora_alpha / r, as 48 / 6 and 16 / 2).
 BUDGETS = (0.5, 1.0, 2.0, 4.0)
@@ -103,8 +104,11 @@ SWEEP_TASKS = ("sst2", "rte")  # every budget (issue #17)
 DEFAULTS_TASKS, DEFAULTS_BUDGET = ("sst2", "rte", "subj", "cr"), 2.0  # issue #20, one budget
 INIT_MULTIPLE, SCALE = 4, 8.0
 IGU_ORTH_WEIGHT = 0.25
-# igu-orth's term from step 0; igu-orth-late's once the initial phase has grown E (issue #20.3)
+# Each IGU method names its term, so that a changed library default leaves every record its key:
+# igu without it (the default until issue #20 moved it), igu-orth's from step 0 (the library's
+# defaults since), igu-orth-late's once the initial phase has grown E (issue #20.3).
 ORTH_OVERRIDES = {
+    "igu": dict(orth_reg_weight=0.0),
     "igu-orth": dict(orth_reg_weight=IGU_ORTH_WEIGHT),
     "igu-orth-late": dict(orth_reg_weight=IGU_ORTH_WEIGHT, orth_reg_start="tinit"),
 }
@@ -231,12 +235,13 @@ def build(method: str, model, args: FinetuneArgs, total_step: int, budget: float
 
 
 def method_overrides(method: str, budget: float | None, overrides: dict) -> dict:
-    """FinetuneArgs overrides of a run: a variant's, the budget's ranks, the orthogonality term's."""
+    """FinetuneArgs overrides of a run: the method's orthogonality term, under a variant's (an
+    ablation may set its own) and the budget's ranks."""
     overrides = dict(overrides)
     if budget is not None:
         ranks = budget_ranks(budget)
         overrides.update(init_r=ranks["init_r"], target_r=budget, lora_alpha=SCALE * ranks["init_r"])
-    return {**overrides, **ORTH_OVERRIDES.get(method, {})}
+    return {**ORTH_OVERRIDES.get(method, {}), **overrides}
 
 
 def knobs(config) -> dict:

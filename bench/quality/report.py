@@ -30,11 +30,13 @@ SCORE_VARIANTS = {
     "ig-snr": "snr (the paper's; the default until 2026-12-02)",
     "ig-product": "product (AdaLoRA's)",
 }
+IGU_DEFAULTS = "igu-orth"  # the harness method that runs the library's defaults (issue #20)
 BUDGET_NAMES = {
     "lora": "LoRA (PEFT)",
     "adalora": "AdaLoRA (PEFT)",
     "adalora-orth": "AdaLoRA + orth. term (PEFT)",
-    "igu": "IGU-LoRA",
+    "igu-orth": "IGU-LoRA (defaults: orth. term 0.25)",
+    "igu": "IGU-LoRA, no orth. term",
 }
 
 
@@ -235,18 +237,18 @@ class SweepPlan:
 
 def budget_table(runs: list[dict], task: str, shapes: dict, plan: SweepPlan) -> list[str]:
     """Per budget and method: the lr search, dev over seeds at the selected lr, the parameters
-    at the end, IGU-LoRA's paired difference; then the points still missing."""
+    at the end, IGU-LoRA's (at the defaults) paired difference; then the points still missing."""
     lines = [
         f"### {task}: accuracy against the budget",
         "",
         "| avg. rank | method | ranks | adapter params (end) | val by lr (seed 0) | lr | dev (seeds) "
-        "| dev median | IGU-LoRA - method (paired) |",
+        "| dev median | IGU-LoRA (defaults) - method (paired) |",
         "| ---: | --- | --- | ---: | --- | ---: | --- | ---: | --- |",
     ]
     missing = []
     for budget in plan.budgets:
         ranks = plan.ranks(budget)
-        igu_searched = lr_searched(runs, task, "igu", budget, plan.lr_grid)  # to pair with
+        igu_searched = lr_searched(runs, task, IGU_DEFAULTS, budget, plan.lr_grid)  # to pair with
         for method in plan.methods:
             search, final = search_runs(runs, task, method, budget), final_runs(runs, task, method, budget)
             if method == "lora" and ranks["lora_r"] is None:
@@ -265,8 +267,8 @@ def budget_table(runs: list[dict], task: str, shapes: dict, plan: SweepPlan) -> 
             params = statistics.median(adapter_parameters(r, shapes) for r in final)
             grid = ", ".join(f"{r['lr']:g}: {r['val_accuracy']:.3f}" for r in search)
             paired = (
-                paired_line(paired_difference(runs, task, "igu", method, budget))
-                if method != "igu" and igu_searched
+                paired_line(paired_difference(runs, task, IGU_DEFAULTS, method, budget))
+                if method != IGU_DEFAULTS and igu_searched
                 else ""
             )
             lr = final[0]["lr"]
@@ -314,8 +316,8 @@ DEFAULT_CELLS = {
     "lora": "LoRA r = 2 (PEFT)",
     "adalora": "AdaLoRA (PEFT)",
     "adalora-orth": "AdaLoRA + orth. term (PEFT)",
-    "igu": "IGU-LoRA, orth_reg_weight 0 (default)",
-    "igu-orth": "IGU-LoRA, orth_reg_weight 0.25",
+    "igu": "IGU-LoRA, orth_reg_weight 0 (the default before the rule)",
+    "igu-orth": "IGU-LoRA, orth_reg_weight 0.25 (the default by the rule)",
 }
 RULE_CELLS = ("igu", "igu-orth")  # the orth_reg_weight candidates, fixed before any run
 # issue #20.3's fix, measured where the term helped and where it hurt; not a candidate of the rule
@@ -345,7 +347,7 @@ def defaults_section(runs: list[dict], plan: SweepPlan) -> list[str]:
         f"## The defaults on every task (average rank {budget:g}: {ranks['init_r']} -> {budget:g}, "
         f"LoRA r = {ranks['lora_r']})",
         "",
-        "| task | setting | lr | dev (seeds) | dev median | IGU-LoRA default - setting (paired) |",
+        "| task | setting | lr | dev (seeds) | dev median | IGU-LoRA, orth 0 - setting (paired) |",
         "| --- | --- | ---: | --- | ---: | --- |",
     ]
     seeds, missing, rule, fixed = set(range(plan.seeds)), [], {}, []
@@ -420,7 +422,7 @@ def budget_plot(runs: list[dict], task: str, shapes: dict, plan: SweepPlan, out:
             continue
         drawn = True
         x, med, lo, hi, budget, n = zip(*points)
-        shift = [v * (1 + 0.02 * (i - 1.5)) for v in x]  # methods side by side at one budget
+        shift = [v * (1 + 0.02 * (i - (len(plan.methods) - 1) / 2)) for v in x]  # side by side
         ax.errorbar(
             shift,
             med,
@@ -429,7 +431,7 @@ def budget_plot(runs: list[dict], task: str, shapes: dict, plan: SweepPlan, out:
             capsize=3,
             label=BUDGET_NAMES[method],
         )
-        if method == "igu":
+        if method == IGU_DEFAULTS:
             for xi, yi, b in zip(shift, med, budget):
                 ax.annotate(f"avg r {b:g}", (xi, yi), textcoords="offset points", xytext=(4, -12), fontsize=7)
     if not drawn:
@@ -449,7 +451,7 @@ def budget_heatmaps(runs: list[dict], task: str, plan: SweepPlan, out: Path) -> 
     """Final ranks per layer at the smallest budget (seed 0, selected lr): each adaptive method,
     and the IGU-LoRA score variants that ran there, side by side."""
     budget, panels = min(plan.budgets), {}
-    for method in ("adalora", "adalora-orth", "igu"):
+    for method in ("adalora", "adalora-orth", "igu-orth", "igu"):
         final = final_runs(runs, task, method, budget)
         complete = lr_searched(runs, task, method, budget, plan.lr_grid)
         if complete and final and final[0]["seed"] == 0:
