@@ -336,9 +336,9 @@ def median_ranks(medians: dict[str, float]) -> dict[str, float]:
 
 def defaults_section(runs: list[dict], plan: SweepPlan) -> list[str]:
     """Issue #20: every task and setting at one budget point (lr on val, dev over seeds 0 .. n-1,
-    paired by seed against IGU-LoRA's defaults), then the orth_reg_weight rule of docs/results.md:
-    per task the better median of igu / igu-orth ranks 1, the lower mean rank over the tasks wins
-    (a tie keeps 0); undecided until every task has both."""
+    paired by seed against IGU-LoRA's defaults, igu-orth since the rule), then the orth_reg_weight
+    rule of docs/results.md: per task the better median of igu / igu-orth ranks 1, the lower mean
+    rank over the tasks wins (a tie keeps 0); undecided until every task has both."""
     tasks, budget = plan.default_tasks, plan.default_budget
     if not tasks:
         return []
@@ -347,12 +347,12 @@ def defaults_section(runs: list[dict], plan: SweepPlan) -> list[str]:
         f"## The defaults on every task (average rank {budget:g}: {ranks['init_r']} -> {budget:g}, "
         f"LoRA r = {ranks['lora_r']})",
         "",
-        "| task | setting | lr | dev (seeds) | dev median | IGU-LoRA, orth 0 - setting (paired) |",
+        "| task | setting | lr | dev (seeds) | dev median | IGU-LoRA (defaults) - setting (paired) |",
         "| --- | --- | ---: | --- | ---: | --- |",
     ]
     seeds, missing, rule, fixed = set(range(plan.seeds)), [], {}, []
     for task in tasks:
-        igu_searched = lr_searched(runs, task, "igu", budget, plan.lr_grid)  # to pair with
+        igu_searched = lr_searched(runs, task, IGU_DEFAULTS, budget, plan.lr_grid)  # to pair with
         for method, label in {**DEFAULT_CELLS, **FIX_CELLS}.items():
             search = search_runs(runs, task, method, budget)
             final = [r for r in final_runs(runs, task, method, budget) if r["seed"] in seeds]
@@ -368,8 +368,8 @@ def defaults_section(runs: list[dict], plan: SweepPlan) -> list[str]:
                 from_0 = paired_difference(runs, task, method, "igu-orth", budget)
                 fixed.append(f"{task} {paired_line(from_0)}")
             paired = (
-                paired_line(paired_difference(runs, task, "igu", method, budget))
-                if method != "igu" and igu_searched
+                paired_line(paired_difference(runs, task, IGU_DEFAULTS, method, budget))
+                if method != IGU_DEFAULTS and igu_searched
                 else ""
             )
             lines.append(f"| {task} | {label} | {final[0]['lr']:g} | {_acc(dev)} | {median:.4f} | {paired} |")
