@@ -73,9 +73,10 @@ class IGULoraConfig:
     # snr until 2026-12-02; switched by the rule fixed before the score study (docs/results.md)
     score: str = "stable_magnitude"
     score_eps: float = 1e-12
-    # Off by default: at 0.25 (= PEFT AdaLoRA's 0.5 per matrix) its early gradients slow learning
-    # (docs/results.md). method.md's per-adapter mean: PEFT's w per matrix is igulora's w / 2.
-    orth_reg_weight: float = 0.25  # PEFT AdaLoRA's 0.5 per matrix; chosen on four tasks
+    # On since issue #20's rule on four tasks (docs/results.md); at small learning rates its early
+    # gradient slows learning (orth_reg_start). method.md's per-adapter mean: PEFT's w per matrix
+    # is igulora's w / 2, so 0.25 is PEFT AdaLoRA's 0.5.
+    orth_reg_weight: float = 0.25
     orth_reg_start: int | str = 0  # an optimizer step, or "tinit"
     ig_rule: str = "gauss_legendre"  # defaults from docs/results.md (IG accuracy study)
     ig_steps: int | str = 3  # or "auto"

@@ -91,7 +91,7 @@ TASKS["rte-6ep"] = {**TASKS["rte"], "epochs": 6, "lr_from": "rte"}
 METHODS = ("lora", "adalora", "igu")  # the matched-budget tables (6 -> 2)
 # Every method the harness can run: PEFT's AdaLoRA with its orthogonality term (a task-typed
 # PeftModel, what PEFT users get) and IGU-LoRA with igulora's term at PEFT's weight (0.5 per
-# matrix = 0.25 here) beside the defaults.
+# matrix = 0.25 here: the defaults since issue #20) beside it without the term.
 IGU_METHODS = ("igu", "igu-orth", "igu-orth-late")
 ALL_METHODS = ("lora", "adalora", "adalora-orth", *IGU_METHODS)
 BUDGET_METHODS = ("lora", "adalora", "adalora-orth", "igu-orth", "igu")
