@@ -15,17 +15,20 @@ STEPS = 12  # ten scoring steps: one ig_steps="auto" window (node_budget.WINDOW 
 GLOBAL_BATCH = 8
 
 
-def config():
+def config(term: float):
     # ig_steps="auto" with a tolerance no quadrature meets: the node count rises on a window of
     # all-reduced residuals, so every rank must take the same decisions as one process
     targets = ["query", "value", "intermediate.dense"]
-    return short_run_config(STEPS, target_modules=targets, ig_steps="auto", ig_tolerance=1e-12)
+    return short_run_config(
+        STEPS, target_modules=targets, ig_steps="auto", ig_tolerance=1e-12, orth_reg_weight=term
+    )
 
 
-def train(rank: int, world: int, module_wrapper=None) -> dict:
-    """Train on this rank's slice of each global batch; returns masks, adapter weights (compacted
-    to the active ranks), the physical ranks and the IG node count after each step."""
-    igu = get_igu_model(tiny_bert(torch.float64, seed=5), config())
+def train(rank: int, world: int, module_wrapper=None, term: float = 0.0) -> dict:
+    """Train on this rank's slice of each global batch, with the orthogonality term at ``term``;
+    returns masks, adapter weights (compacted to the active ranks where the term is off), the
+    physical ranks and the IG node count after each step."""
+    igu = get_igu_model(tiny_bert(torch.float64, seed=5), config(term))
     igu.train()
     module = module_wrapper(igu) if module_wrapper else igu
     optimizer = torch.optim.SGD([p for p in igu.parameters() if p.requires_grad], lr=0.5)
@@ -46,7 +49,7 @@ def train(rank: int, world: int, module_wrapper=None) -> dict:
     return {"pattern": igu.rank_pattern, "weights": weights, "physical_ranks": physical, "nodes": nodes}
 
 
-def run(rank: int, world: int, port: int, out_dir: str, launcher: str) -> None:
+def run(rank: int, world: int, port: int, out_dir: str, launcher: str, term: float) -> None:
     """Join a 2-process gloo group on loopback, as torchrun would, and train with DDP or Accelerate."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -69,6 +72,6 @@ def run(rank: int, world: int, port: int, out_dir: str, launcher: str) -> None:
             return DistributedDataParallel(module, broadcast_buffers=False)
 
     try:
-        torch.save(train(rank, world, wrap), f"{out_dir}/rank{rank}.pt")
+        torch.save(train(rank, world, wrap, term), f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()

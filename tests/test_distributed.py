@@ -16,17 +16,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("launcher", ["ddp", "accelerate"])
-def test_two_process_run_matches_a_single_process_run(tmp_path, launcher):
+@pytest.mark.parametrize(
+    "launcher, term",
+    [("ddp", 0.0), ("accelerate", 0.0), ("ddp", 0.25)],
+    ids=["ddp", "accelerate", "ddp-orth"],
+)
+def test_two_process_run_matches_a_single_process_run(tmp_path, launcher, term):
+    """Compacted without the orthogonality term; with it (the default) masked, the term's gradient
+    reaching every rank outside DDP's forward."""
     if launcher == "accelerate":
         pytest.importorskip("accelerate")
-    mp.spawn(run, args=(2, _free_port(), str(tmp_path), launcher), nprocs=2, join=True)
+    mp.spawn(run, args=(2, _free_port(), str(tmp_path), launcher, term), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    single = train(rank=0, world=1)
+    single = train(rank=0, world=1, term=term)
     kept = sum(map(sum, single["pattern"].values()))
     assert kept == 2 * len(single["pattern"]) < 4 * len(single["pattern"])
-    assert single["physical_ranks"] == {n: sum(m) for n, m in single["pattern"].items()}  # compacted
-    assert 0 in single["physical_ranks"].values()  # an empty adapter, which DDP must leave out
+    if term:
+        assert set(single["physical_ranks"].values()) == {4}  # masked: the term reaches every rank
+    else:
+        assert single["physical_ranks"] == {n: sum(m) for n, m in single["pattern"].items()}  # compacted
+        assert 0 in single["physical_ranks"].values()  # an empty adapter, which DDP must leave out
     assert single["nodes"][0] < single["nodes"][-1]  # ig_steps="auto" raised the node count
     for result in ranks:
         assert result["nodes"] == single["nodes"]
