@@ -18,8 +18,8 @@ to AdaLoRA, the AdamW state bytes and the trainable parameters.
 
 ``--sst2-wall``: the whole-run wall time of a matched-budget SST-2 run (the protocol of
 ``bench/quality/glue.py``: 6 -> 2 ranks on 36 linears, one epoch, lr 5e-3, seed 0) of IGU-LoRA
-with its defaults (compacting) against PEFT AdaLoRA: both runs at once, one thread each, so a
-slow spell of the machine hits both.
+without the orthogonality term (glue's ``igu``: compacting) against PEFT AdaLoRA: both runs at
+once, one thread each, so a slow spell of the machine hits both.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def igu_method(factory, compact: bool):
         target_r=TARGET_R,
         total_step=TOTAL_STEP,
         tfinal=TFINAL,
-        orth_reg_weight=0.0,  # compaction is exact, so on, only without the term
+        orth_reg_weight=0.0,  # compaction runs (is exact) only without the term
         compact=compact,
     )
     igu = get_igu_model(model, config).train()

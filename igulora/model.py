@@ -318,14 +318,14 @@ class IGUModel(nn.Module):
         explicit = c.compact is True
         if c.compact is False:
             return "compact=False", False
-        if any(hasattr(layer.lora_A, "full_tensor") for layer in self.adapters.values()):
-            return "FSDP2 shards the adapters (a DTensor cannot be sliced in place)", True
         if c.prune_mode != "mask":
             return "prune_mode='zero' lets pruned triplets return", explicit
         if c.orth_reg_weight > 0:
             return "the orthogonality term reaches every rank, pruned or not", explicit
         if optimizer is None and not restoring:
             return "update_and_allocate was given no optimizer= to slice the state of", explicit
+        if any(hasattr(layer.lora_A, "full_tensor") for layer in self.adapters.values()):
+            return "FSDP2 shards the adapters (a DTensor cannot be sliced in place)", True
         if restoring:
             return None, False
         why = unknown_optimizer(optimizer)

@@ -17,7 +17,7 @@ class IGUCallback(TrainerCallback):
     """Scores and reallocates ranks after every optimizer step (before gradients are zeroed,
     which the ``gradient`` rule needs). Gradient accumulation is handled: IG adds up over the
     micro-batches of a step and is consumed once. The Trainer's optimizer is passed on, so that
-    pruned ranks are compacted away with its state.
+    pruned ranks are compacted away with its state (where compaction runs: orth_reg_weight=0).
 
     fp16: ``loss_scale`` is the GradScaler's scale of this step's backward (set by
     ``IGUTrainer.compute_loss``: by now Accelerate has updated the scale), and a step Accelerate

@@ -30,6 +30,7 @@ def dataset(n: int = 48) -> list[dict]:
 
 def trainer(out: str, callbacks=(), config: dict | None = None, **args) -> IGUTrainer:
     base = dict(init_r=4, target_r=2, total_step=STEPS, tinit=2, tfinal=2, ig_every=1, ig_fraction=0.5)
+    base["orth_reg_weight"] = 0.0  # no orthogonality term, so that pruned ranks are compacted
     igu = get_igu_model(tiny_llama(seed=3), IGULoraConfig(**{**base, **(config or {})}))
     defaults = dict(
         output_dir=out,

@@ -8,7 +8,7 @@ several drivers (one per core) can share it:
     python bench/quality/glue.py search --task sst2      # lr grid, seed 0, selected on val
     python bench/quality/glue.py seeds --task sst2       # seeds 1, 2 (or --seeds) at the selected lr
     python bench/quality/glue.py sweep --task sst2 --budgets 0.5,1,2,4   # search, then seeds 0-2
-    python bench/quality/glue.py sweep --task subj       # all five methods at 6 -> 2
+    python bench/quality/glue.py sweep --task subj       # all six methods at 6 -> 2
     python bench/quality/glue.py ablations --task sst2 [--budget 0.5]   # IGU variants
     python bench/quality/glue.py report                  # markdown tables, plots, heatmaps
 
@@ -99,7 +99,7 @@ BUDGET_METHODS = ("lora", "adalora", "adalora-orth", "igu-orth", "igu")
 # INIT_MULTIPLE times it; every adapter scale is SCALE (= lora_alpha / r, as 48 / 6 and 16 / 2).
 BUDGETS = (0.5, 1.0, 2.0, 4.0)
 # Issue #20 re-decides the defaults at the sweep's average rank 2 (8 -> 2: the 72 triplets of the
-# 6 -> 2 tables; its LoRA r = 2 is theirs) on four tasks, with igu-orth beside the four methods.
+# 6 -> 2 tables; its LoRA r = 2 is theirs) on four tasks, igu-orth among the sweep's five.
 SWEEP_TASKS = ("sst2", "rte")  # every budget (issue #17)
 DEFAULTS_TASKS, DEFAULTS_BUDGET = ("sst2", "rte", "subj", "cr"), 2.0  # issue #20, one budget
 INIT_MULTIPLE, SCALE = 4, 8.0
@@ -137,7 +137,7 @@ _SNR_ERA = {
     "every-1": dict(ig_every=1),
     "every-1-fraction-0.25": dict(ig_every=1, ig_fraction=0.25),  # the first session's IG settings
     "every-4": dict(ig_every=4),
-    # the former default orthogonality weight (= PEFT AdaLoRA's 0.5 per matrix)
+    # PEFT AdaLoRA's 0.5 per matrix: the first session's default, and again since issue #20
     "orth-0.25": dict(orth_reg_weight=0.25),
     # the former defaults: LoRA-like init (B = 0, E = 1) with twice PEFT's orthogonality weight
     "lora-init": dict(init="lora", orth_reg_weight=0.5),
@@ -440,7 +440,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.methods:
         methods = args.methods.split(",")
-    elif args.experiment == "sweep":  # the budget sweep's four, or all five at 6 -> 2
+    elif args.experiment == "sweep":  # the budget sweep's five, or all six at 6 -> 2
         methods = list(BUDGET_METHODS if args.budgets else ALL_METHODS)
     else:
         methods = list(METHODS)
@@ -460,7 +460,7 @@ def main() -> None:
     elif args.experiment == "ablations":
         runs = load_runs(args.runs)
         seeds = [int(s) for s in (args.seeds or "0").split(",")]
-        # an ablation of the snr era runs at the lr selected for snr, the others at the defaults'
+        # an ablation of the snr era runs at the lr selected for snr, the others at igu's (no term)
         lrs = {
             v: args.lr or selected_lr(runs, args.task, "igu", args.budget, reference(v))
             for v in args.variants.split(",")

@@ -16,12 +16,13 @@ from igulora.config import IGULoraConfig  # noqa: E402
 from igulora.node_budget import WINDOW  # noqa: E402
 from igulora.plots import pyplot, rank_panels  # noqa: E402
 
-# The 6 -> 2 tables' rows, (method, variant): IGU-LoRA's runs there predate the default score.
+# The 6 -> 2 tables' rows, (method, variant): IGU-LoRA's runs there predate the default score
+# and the default orthogonality term.
 METHOD_NAMES = {
     ("lora", "default"): "LoRA r=2 (PEFT)",
     ("adalora", "default"): "AdaLoRA 6->2 (PEFT)",
     ("adalora-orth", "default"): "AdaLoRA 6->2 + orth. term (PEFT, task-typed)",
-    ("igu", "default"): "IGU-LoRA 6->2 (igulora)",
+    ("igu", "default"): "IGU-LoRA 6->2 (igulora, no orth. term)",
     ("igu", "ig-snr"): "IGU-LoRA 6->2, snr (the default score until 2026-12-02)",
     ("igu-orth", "default"): "IGU-LoRA 6->2, orth_reg_weight 0.25",
 }
