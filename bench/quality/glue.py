@@ -19,10 +19,10 @@ head trained, AdamW with 6% warm-up and linear decay, batch 32. Matched budget: 
 0.85), with ("adalora-orth", task-typed) or without ("adalora", see build()) PEFT's
 orthogonality term; IGU-LoRA the same schedule with the library's defaults ("igu-orth": its term
 at 0.25, the default since issue #20; "igu": without it, the default before; "igu-orth-late": the
-term from tinit on). Budget sweep: an average final rank of 0.5-4
-from INIT_MULTIPLE times it, every scale lora_alpha / r = SCALE. A fixed 10% of train (of the
-file, after a fixed 10% test carve, for SUBJ and CR) is the validation split that selects the
-learning rate; dev / test is only reported.
+term from tinit on). Budget sweep: an average final rank of 0.5-4 from INIT_MULTIPLE times it,
+every scale lora_alpha / r = SCALE. A fixed 10% of train (of the file, after a fixed 10% test
+carve, for SUBJ and CR) is the validation split that selects the learning rate; dev / test is
+only reported.
 """
 
 from __future__ import annotations

@@ -452,7 +452,7 @@ def budget_heatmaps(runs: list[dict], task: str, plan: SweepPlan, out: Path) -> 
     """Final ranks per layer at the smallest budget (seed 0, selected lr): each adaptive method,
     and the IGU-LoRA score variants that ran there, side by side."""
     budget, panels = min(plan.budgets), {}
-    for method in ("adalora", "adalora-orth", "igu-orth", "igu"):
+    for method in (m for m in plan.methods if m != "lora"):  # the adaptive ones
         final = final_runs(runs, task, method, budget)
         complete = lr_searched(runs, task, method, budget, plan.lr_grid)
         if complete and final and final[0]["seed"] == 0:
