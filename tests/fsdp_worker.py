@@ -25,7 +25,7 @@ def config(**overrides) -> IGULoraConfig:
 def train(rank: int, world: int, shard: bool, save_dir: str | None = None, **overrides) -> dict:
     """Train a tiny Llama on this rank's slice of each global batch; masks, full weights and the
     compaction warnings raised (none at the defaults: their orthogonality term keeps pruned ranks
-    masked before FSDP2 would)."""
+    masked before FSDP2 would; without the term, FSDP2's own warning)."""
     from torch.distributed.fsdp import fully_shard
 
     igu = get_igu_model(tiny_llama(torch.float64, seed=5), config(**overrides))
@@ -59,9 +59,11 @@ def train(rank: int, world: int, shard: bool, save_dir: str | None = None, **ove
     return {"pattern": igu.rank_pattern, "weights": weights, "compaction_warnings": messages}
 
 
-def run(rank: int, world: int, port: int, out_dir: str, head: bool = False) -> None:
-    """Join a 2-process gloo group on loopback and train under FSDP2; with ``head``, also train
-    lm_head (modules_to_save) and record the error that must come."""
+def run(
+    rank: int, world: int, port: int, out_dir: str, head: bool = False, overrides: dict | None = None
+) -> None:
+    """Join a 2-process gloo group on loopback and train under FSDP2 (config ``overrides``); with
+    ``head``, also train lm_head (modules_to_save) and record the error that must come."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -71,7 +73,7 @@ def run(rank: int, world: int, port: int, out_dir: str, head: bool = False) -> N
             except NotImplementedError as error:
                 Path(f"{out_dir}/rank{rank}.err").write_text(str(error))
         else:
-            result = train(rank, world, shard=True, save_dir=f"{out_dir}/adapter")
+            result = train(rank, world, shard=True, save_dir=f"{out_dir}/adapter", **(overrides or {}))
             torch.save(result, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()

@@ -45,20 +45,27 @@ def test_two_process_run_matches_a_single_process_run(tmp_path, launcher, term):
             torch.testing.assert_close(result["weights"][name], value, rtol=1e-9, atol=1e-12, msg=name)
 
 
-def test_fsdp2_two_process_run_matches_a_single_process_run(tmp_path):
+@pytest.mark.parametrize("overrides", [{}, {"orth_reg_weight": 0.0}], ids=["defaults", "no-term"])
+def test_fsdp2_two_process_run_matches_a_single_process_run(tmp_path, overrides):
+    """Masked either way: at the defaults the orthogonality term keeps pruned ranks (silently);
+    without it FSDP2's sharding does, and says so once per rank."""
     pytest.importorskip("torch.distributed.fsdp")
     import fsdp_worker
     from safetensors.torch import load_file
 
-    mp.spawn(fsdp_worker.run, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(fsdp_worker.run, args=(2, _free_port(), str(tmp_path), False, overrides), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    # The default orthogonality term keeps pruned ranks masked (silently): so does the reference run.
-    single = fsdp_worker.train(rank=0, world=1, shard=False, save_dir=str(tmp_path / "single"), compact=False)
+    single = fsdp_worker.train(
+        rank=0, world=1, shard=False, save_dir=str(tmp_path / "single"), compact=False, **overrides
+    )
     kept = sum(map(sum, single["pattern"].values()))
     assert kept == 2 * len(single["pattern"])
     assert single["compaction_warnings"] == []
     for result in ranks:
-        assert result["compaction_warnings"] == []  # the term blocks compaction before FSDP2 does
+        if overrides:
+            assert len(result["compaction_warnings"]) == 1 and "FSDP2" in result["compaction_warnings"][0]
+        else:
+            assert result["compaction_warnings"] == []  # the term blocks compaction before FSDP2 does
         assert result["pattern"] == single["pattern"]
         assert result["weights"].keys() == single["weights"].keys()
         for name, value in single["weights"].items():
