@@ -454,3 +454,26 @@ def test_the_defaults_tasks_outside_the_budget_sweep_get_no_budget_curve(tmp_pat
     text = report.write_report(runs, tmp_path, dict.fromkeys(MODULES, (24, 37)), plan).read_text()
     assert "### sst2: accuracy against the budget" in text
     assert "### cr: accuracy against the budget" not in text and "| cr | IGU-LoRA, orth_reg_weight 0" in text
+
+
+def test_the_budget_plot_keeps_the_medians_readable_beside_a_collapsed_seed(tmp_path, monkeypatch):
+    shapes = {name: (24, 37) for name in MODULES}
+    plan = report.SweepPlan((1.0,), ("igu",), 3, glue.LR_GRID, glue.budget_ranks)
+    dev = {0: 0.85, 1: 0.509, 2: 0.86}  # seed 1 collapsed to the majority class
+    runs = [
+        {**record("igu", lr, seed, 0.8 + lr, dev[seed]), "budget": 1.0}
+        for lr in glue.LR_GRID
+        for seed in (0, 1, 2)
+    ]
+    drawn = {}
+
+    def spy(fig, *args):
+        ax = fig.axes[0]
+        drawn.update(bottom=ax.get_ylim()[0], notes=[t.get_text() for t in ax.texts])
+        return saved(fig, *args)
+
+    saved = report._saved
+    monkeypatch.setattr(report, "_saved", spy)
+    report.budget_plot(runs, "sst2", shapes, plan, tmp_path)
+    assert 0.85 - 2 * report.COLLAPSE_MARGIN < drawn["bottom"] < 0.85 - report.COLLAPSE_MARGIN / 2
+    assert "a seed at 0.509" in drawn["notes"]

@@ -39,6 +39,7 @@ BUDGET_NAMES = {
     "igu-orth": "IGU-LoRA (defaults: orth. term 0.25)",
     "igu": "IGU-LoRA, no orth. term",
 }
+COLLAPSE_MARGIN = 0.03  # the budget plots' axis starts this far below the lowest median
 
 
 def _acc(values: Iterable[float]) -> str:
@@ -407,37 +408,53 @@ def _saved(fig, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
 
 
 def budget_plot(runs: list[dict], task: str, shapes: dict, plan: SweepPlan, out: Path) -> Path | None:
-    """Dev accuracy (median, min-max over seeds) against the adapter parameters at the end."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    drawn = False
-    for i, method in enumerate(plan.methods):
+    """Dev accuracy (median, min-max over seeds) against the adapter parameters at the end. The
+    axis starts COLLAPSE_MARGIN below the lowest median: a seed further down (a run that collapsed
+    to the majority class) is a marker on the bottom edge with its value, so the medians stay
+    readable."""
+    curves = {}
+    for method in plan.methods:
         points = []
         for budget in plan.budgets:
             final = final_runs(runs, task, method, budget)
             if final and lr_searched(runs, task, method, budget, plan.lr_grid):
                 dev = [r["dev_accuracy"] for r in final]
                 x = statistics.median(adapter_parameters(r, shapes) for r in final)
-                points.append((x, statistics.median(dev), min(dev), max(dev), budget, len(dev)))
-        if not points:
+                points.append((x, statistics.median(dev), min(dev), max(dev), budget))
+        if points:
+            curves[method] = points
+    if not curves:
+        return None
+    floor = min(p[1] for points in curves.values() for p in points) - COLLAPSE_MARGIN
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for i, method in enumerate(plan.methods):
+        if method not in curves:
             continue
-        drawn = True
-        x, med, lo, hi, budget, n = zip(*points)
+        x, med, lo, hi, budget = zip(*curves[method])
         shift = [v * (1 + 0.02 * (i - (len(plan.methods) - 1) / 2)) for v in x]  # side by side
-        ax.errorbar(
+        bars = ax.errorbar(
             shift,
             med,
-            yerr=[[m - a for m, a in zip(med, lo)], [b - m for m, b in zip(med, hi)]],
+            yerr=[[m - max(a, floor) for m, a in zip(med, lo)], [b - m for m, b in zip(med, hi)]],
             marker="o",
             capsize=3,
             label=BUDGET_NAMES[method],
         )
+        for xi, low in zip(shift, lo):
+            if low < floor:
+                ax.plot([xi], [floor], marker="v", color=bars.lines[0].get_color())
+                ax.annotate(
+                    f"a seed at {low:.3f}",
+                    (xi, floor),
+                    textcoords="offset points",
+                    xytext=(-20, 6),
+                    fontsize=7,
+                )
         if method == IGU_DEFAULTS:
             for xi, yi, b in zip(shift, med, budget):
                 ax.annotate(f"avg r {b:g}", (xi, yi), textcoords="offset points", xytext=(4, -12), fontsize=7)
-    if not drawn:
-        plt.close(fig)
-        return None
+    ax.set_ylim(bottom=floor - COLLAPSE_MARGIN / 10)
     ax.set_xscale("log")
     return _saved(
         fig,
