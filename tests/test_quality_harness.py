@@ -477,3 +477,31 @@ def test_the_budget_plot_keeps_the_medians_readable_beside_a_collapsed_seed(tmp_
     report.budget_plot(runs, "sst2", shapes, plan, tmp_path)
     assert 0.85 - 2 * report.COLLAPSE_MARGIN < drawn["bottom"] < 0.85 - report.COLLAPSE_MARGIN / 2
     assert "a seed at 0.509" in drawn["notes"]
+
+
+def test_the_budget_loss_plot_draws_each_budget_s_median_curve_at_the_selected_lr(tmp_path, monkeypatch):
+    plan = report.SweepPlan((0.5, 1.0, 4.0), ("lora", "igu"), 3, glue.LR_GRID, glue.budget_ranks)
+    runs = []
+    for budget in (0.5, 1.0):  # nothing ran at 4: no panel
+        for lr in glue.LR_GRID:
+            for seed in (0, 1, 2):
+                curve = [0.69 - lr * seed * step for step in range(5)]  # lr and seed set the slope
+                val = 0.9 if lr == glue.LR_GRID[1] else 0.8
+                runs.append({**record("igu", lr, seed, val, 0.8), "budget": budget, "loss_curve": curve})
+    runs.append({**record("igu", glue.LR_GRID[1], 3, 0.9, 0.8), "budget": 1.0})  # before loss curves
+    drawn = {}
+
+    def spy(fig, path):
+        drawn.update(titles=[ax.get_title() for ax in fig.axes], lines=[ax.get_lines() for ax in fig.axes])
+        return written(fig, path)
+
+    written = report._written
+    monkeypatch.setattr(report, "_written", spy)
+    assert report.budget_loss_plot(runs, "sst2", plan, tmp_path).name == "sst2-budget-loss.png"
+    assert drawn["titles"] == ["avg. rank 0.5", "avg. rank 1"]
+    lr = glue.LR_GRID[1]
+    for lines in drawn["lines"]:
+        curve, chance = lines  # igu's median (seed 1's slope), then ln 2
+        assert list(curve.get_ydata()) == pytest.approx([0.69 - lr * step for step in range(5)])
+        assert list(curve.get_xdata()) == [0, 10, 20, 30, 40]
+        assert chance.get_ydata()[0] == pytest.approx(0.6931, abs=1e-4)

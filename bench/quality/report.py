@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import statistics
 import sys
@@ -402,6 +403,10 @@ def _saved(fig, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=8)
+    return _written(fig, path)
+
+
+def _written(fig, path: Path) -> Path:
     fig.savefig(path, dpi=120, bbox_inches="tight")
     pyplot().close(fig)
     return path
@@ -463,6 +468,41 @@ def budget_plot(runs: list[dict], task: str, shapes: dict, plan: SweepPlan, out:
         "dev accuracy (median, min-max over seeds)",
         f"MiniLM on {task}: accuracy against the budget",
     )
+
+
+def budget_loss_plot(runs: list[dict], task: str, plan: SweepPlan, out: Path) -> Path | None:
+    """Training loss (10-step means, median over seeds at the selected lr) against the step, one
+    panel per budget, beside ln 2 (a binary task's loss at chance): whether a method learned, and
+    from when. PEFT AdaLoRA with its term logs the term inside its loss (its first steps sit
+    above the panel)."""
+    panels = {}
+    for budget in plan.budgets:
+        curves = {}
+        for method in plan.methods:
+            final = [r for r in final_runs(runs, task, method, budget) if "loss_curve" in r]
+            if final and lr_searched(runs, task, method, budget, plan.lr_grid):
+                curves[method] = [statistics.median(step) for step in zip(*(r["loss_curve"] for r in final))]
+        if curves:
+            panels[budget] = curves
+    if not panels:
+        return None
+    chance = math.log(2)
+    width = 3.4 * len(panels)
+    fig, axes = pyplot().subplots(1, len(panels), figsize=(width, 3.6), sharey=True, squeeze=False)
+    legend = {}  # one entry per method over all panels
+    for ax, (budget, curves) in zip(axes[0], panels.items()):
+        for method, curve in curves.items():
+            steps = [10 * i for i in range(len(curve))]
+            (legend[BUDGET_NAMES[method]],) = ax.plot(steps, curve, color=f"C{plan.methods.index(method)}")
+        ax.axhline(chance, color="grey", linestyle="--", linewidth=0.8)
+        ax.set_title(f"avg. rank {budget:g}")
+        ax.set_xlabel("step")
+    bottom = min(min(curve) for curves in panels.values() for curve in curves.values())
+    axes[0][0].set_ylim(bottom - 0.02, chance + 0.04)
+    axes[0][0].set_ylabel("loss (10-step means, median over seeds)")
+    fig.legend(legend.values(), legend.keys(), loc="upper center", bbox_to_anchor=(0.5, 0), ncol=3)
+    fig.suptitle(f"MiniLM on {task}: training loss at the selected lr (dashed: ln 2)")
+    return _written(fig, out / f"{task}-budget-loss.png")
 
 
 def budget_heatmaps(runs: list[dict], task: str, plan: SweepPlan, out: Path) -> Path | None:
@@ -567,6 +607,7 @@ def write_report(
             lines += score_table(runs, task, min(plan.budgets), SCORE_VARIANTS, plan.lr_grid)
             for image in (
                 budget_plot(runs, task, shapes, plan, out),
+                budget_loss_plot(runs, task, plan, out),
                 budget_heatmaps(runs, task, plan, out),
             ):
                 if image is not None:
