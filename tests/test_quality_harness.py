@@ -19,6 +19,7 @@ import report  # noqa: E402
 import runs as runs_file  # noqa: E402
 
 from igulora import IGULoraConfig  # noqa: E402
+from igulora.data import Example  # noqa: E402
 from igulora.finetune import FinetuneArgs  # noqa: E402
 
 MODULES = [
@@ -193,7 +194,7 @@ def test_lora_at_an_average_rank_of_2_is_the_6_to_2_tables_lora(tiny_model_dir):
     ours, theirs = a.state_dict(), b.state_dict()
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     batch = {"input_ids": torch.randint(1000, 2000, (4, 9)), "labels": torch.tensor([0, 1, 1, 0])}
-    assert float(loss_a(batch)) == float(loss_b(batch))
+    assert loss_a(batch).item() == loss_b(batch).item()
 
 
 @pytest.mark.parametrize(
@@ -505,3 +506,29 @@ def test_the_budget_loss_plot_draws_each_budget_s_median_curve_at_the_selected_l
         assert list(curve.get_ydata()) == pytest.approx([0.69 - lr * step for step in range(5)])
         assert list(curve.get_xdata()) == [0, 10, 20, 30, 40]
         assert chance.get_ydata()[0] == pytest.approx(0.6931, abs=1e-4)
+
+
+@pytest.mark.parametrize(("majority", "drawn"), [(0.55, True), (0.509, False)])
+def test_the_budget_plot_draws_the_majority_class_near_the_medians(tmp_path, monkeypatch, majority, drawn):
+    shapes = {name: (24, 37) for name in MODULES}
+    plan = report.SweepPlan((1.0,), ("igu",), 3, glue.LR_GRID, glue.budget_ranks, majority={"sst2": majority})
+    runs = [
+        {**record("igu", lr, seed, 0.8 + lr, 0.56 + seed / 100), "budget": 1.0}
+        for lr in glue.LR_GRID
+        for seed in (0, 1, 2)
+    ]
+    labels = []
+
+    def spy(fig, *args):
+        labels.extend(line.get_label() for line in fig.axes[0].get_lines())
+        return saved(fig, *args)
+
+    saved = report._saved
+    monkeypatch.setattr(report, "_saved", spy)
+    report.budget_plot(runs, "sst2", shapes, plan, tmp_path)
+    assert (f"majority class ({majority:.3f})" in labels) is drawn
+
+
+def test_the_majority_share_is_the_most_common_label_s():
+    examples = [Example("a", None, label) for label in (1, 0, 1, 1)]
+    assert glue.majority_share(examples) == 0.75

@@ -34,6 +34,7 @@ import resource
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -170,6 +171,12 @@ def split_train(task: str):
         dev = load_examples(spec["dev"], task="classification", **spec["load"])
     val, train = _carve(pool, VAL_FRACTION)
     return train, val, dev
+
+
+def majority_share(examples: list) -> float:
+    """The accuracy of always answering ``examples``' most common label."""
+    counts = Counter(e.label for e in examples)
+    return max(counts.values()) / len(examples)
 
 
 def minilm_path() -> str:
@@ -469,8 +476,17 @@ def main() -> None:
             [spec(args.task, "igu", lr, s, v, args.budget) for s in seeds for v, lr in lrs.items()], args.runs
         )
     else:
+        majority = {task: majority_share(split_train(task)[2]) for task in SWEEP_TASKS}
         plan = SweepPlan(
-            BUDGETS, BUDGET_METHODS, 3, LR_GRID, budget_ranks, DEFAULTS_TASKS, DEFAULTS_BUDGET, SWEEP_TASKS
+            BUDGETS,
+            BUDGET_METHODS,
+            3,
+            LR_GRID,
+            budget_ranks,
+            DEFAULTS_TASKS,
+            DEFAULTS_BUDGET,
+            SWEEP_TASKS,
+            majority,
         )
         write_report(load_runs(args.runs), RESULTS, linear_shapes(), plan)
 

@@ -8,7 +8,7 @@ import re
 import statistics
 import sys
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -226,7 +226,8 @@ def adapter_parameters(run: dict, shapes: dict[str, tuple[int, int]]) -> int:
 class SweepPlan:
     """What the budget sweep runs (bench/quality/glue.py): ``ranks(budget)`` gives lora_r (None:
     no uniform rank), init_r and target_r, on ``sweep_tasks`` (None: every task with budget
-    runs); issue #20's defaults are decided on ``default_tasks`` at ``default_budget``."""
+    runs); issue #20's defaults are decided on ``default_tasks`` at ``default_budget``;
+    ``majority`` is each task's majority-class share of its reported split."""
 
     budgets: tuple[float, ...]
     methods: tuple[str, ...]
@@ -236,6 +237,7 @@ class SweepPlan:
     default_tasks: tuple[str, ...] = ()
     default_budget: float = 2.0
     sweep_tasks: tuple[str, ...] | None = None
+    majority: dict[str, float] = field(default_factory=dict)
 
 
 def budget_table(runs: list[dict], task: str, shapes: dict, plan: SweepPlan) -> list[str]:
@@ -459,6 +461,9 @@ def budget_plot(runs: list[dict], task: str, shapes: dict, plan: SweepPlan, out:
         if method == IGU_DEFAULTS:
             for xi, yi, b in zip(shift, med, budget):
                 ax.annotate(f"avg r {b:g}", (xi, yi), textcoords="offset points", xytext=(4, -12), fontsize=7)
+    share = plan.majority.get(task, 0.0)
+    if share > floor:  # the majority class, where it is near the medians (RTE's, not SST-2's)
+        ax.axhline(share, color="grey", linestyle="--", linewidth=0.8, label=f"majority class ({share:.3f})")
     ax.set_ylim(bottom=floor - COLLAPSE_MARGIN / 10)
     ax.set_xscale("log")
     return _saved(
