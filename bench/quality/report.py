@@ -95,6 +95,12 @@ def final_runs(
     )
 
 
+def settled_runs(runs: list[dict], task: str, method: str, budget: float, grid: tuple) -> list[dict]:
+    """:func:`final_runs` at ``budget`` once its lr search has run all of ``grid``; [] before (a
+    partial search's selected lr may still move)."""
+    return final_runs(runs, task, method, budget) if lr_searched(runs, task, method, budget, grid) else []
+
+
 def paired_difference(
     runs: list[dict],
     task: str,
@@ -423,8 +429,8 @@ def budget_plot(runs: list[dict], task: str, shapes: dict, plan: SweepPlan, out:
     for method in plan.methods:
         points = []
         for budget in plan.budgets:
-            final = final_runs(runs, task, method, budget)
-            if final and lr_searched(runs, task, method, budget, plan.lr_grid):
+            final = settled_runs(runs, task, method, budget, plan.lr_grid)
+            if final:
                 dev = [r["dev_accuracy"] for r in final]
                 x = statistics.median(adapter_parameters(r, shapes) for r in final)
                 points.append((x, statistics.median(dev), min(dev), max(dev), budget))
@@ -484,8 +490,8 @@ def budget_loss_plot(runs: list[dict], task: str, plan: SweepPlan, out: Path) ->
     for budget in plan.budgets:
         curves = {}
         for method in plan.methods:
-            final = [r for r in final_runs(runs, task, method, budget) if "loss_curve" in r]
-            if final and lr_searched(runs, task, method, budget, plan.lr_grid):
+            final = [r for r in settled_runs(runs, task, method, budget, plan.lr_grid) if "loss_curve" in r]
+            if final:
                 curves[method] = [statistics.median(step) for step in zip(*(r["loss_curve"] for r in final))]
         if curves:
             panels[budget] = curves
@@ -515,9 +521,8 @@ def budget_heatmaps(runs: list[dict], task: str, plan: SweepPlan, out: Path) -> 
     and the IGU-LoRA score variants that ran there, side by side."""
     budget, panels = min(plan.budgets), {}
     for method in (m for m in plan.methods if m != "lora"):  # the adaptive ones
-        final = final_runs(runs, task, method, budget)
-        complete = lr_searched(runs, task, method, budget, plan.lr_grid)
-        if complete and final and final[0]["seed"] == 0:
+        final = settled_runs(runs, task, method, budget, plan.lr_grid)
+        if final and final[0]["seed"] == 0:
             panels[BUDGET_NAMES[method]] = {_module_name(k): v for k, v in final[0]["active_ranks"].items()}
     for variant in SCORE_VARIANTS:
         final = final_runs(runs, task, "igu", budget, variant)
