@@ -17,15 +17,17 @@ reads entry ``m // per_row``.
 
 Precision, as eager 16-bit LoRA: every product takes its operands in the activation dtype (the
 fp32 factors are cast on load; fp16/bf16 run on tensor cores) and accumulates in fp32; fp32
-activations use tf32 where torch allows it (``torch.backends.cuda.matmul.allow_tf32``), IEEE
-otherwise. The small row factors ``h`` and ``g`` (M x R_PAD) stay fp32 between kernels. The
-row reductions of dA and dB are split into row chunks so the grid fills the device; the chunks'
-fp32 partial sums are added in a fixed order (deterministic).
+activations use tf32 where torch allows it (``tf32_enabled``), IEEE otherwise. The small row
+factors ``h`` and ``g`` (M x R_PAD) stay fp32 between kernels. The row reductions of dA, dE and
+dB are split into row chunks so the grid fills the device; the chunks' fp32 partial sums are
+added in a fixed order (deterministic). No result depends on the launch tile (see the tiles
+below), and row offsets are int64 (``_rows``): LLM batches pass 2^31 elements.
 """
 
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +36,7 @@ import triton.language as tl
 
 from igu_kernels.amp import autocast_off
 from igu_kernels.dispatch import interpreting
-from igu_kernels.tuning import Tuned
+from igu_kernels.tuning import Tuned, device_guard
 
 Tensor = torch.Tensor
 
@@ -61,18 +63,27 @@ def _mma(a, b, acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _epilogue_tile(src_ptr, M, N, LOAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """This program's [BLOCK_M, BLOCK_N] tile of an M x N output: rows, columns, offsets, bounds
-    mask, and the fp32 accumulator it starts from (the tile of ``src`` with LOAD, else zeros)."""
+def _rows(rm, stride):
+    """Element offsets of rows ``rm`` of a row-major tensor with row stride ``stride``, in int64:
+    rows x features passes 2^31 at LLM batch sizes (150k rows at 14336 features)."""
+    return rm.to(tl.int64) * stride
+
+
+@triton.jit
+def _epilogue_tile(
+    src_ptr, stride_src, M, N, LOAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+):
+    """This program's [BLOCK_M, BLOCK_N] tile of an M x N output: rows, columns, bounds mask, and
+    the fp32 accumulator it starts from (the tile of ``src`` with LOAD, else zeros)."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs = rm[:, None] * N + rn[None, :]
     inside = (rm[:, None] < M) & (rn[None, :] < N)
     if LOAD:
-        acc = tl.load(src_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+        src = src_ptr + _rows(rm, stride_src)[:, None] + rn[None, :]
+        acc = tl.load(src, mask=inside, other=0.0).to(tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    return rm, rn, offs, inside, acc
+    return rm, rn, inside, acc
 
 
 @triton.jit
@@ -82,6 +93,7 @@ def _down_kernel(
     h_ptr,
     M,
     K,
+    stride_u,
     R_PAD: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -91,12 +103,11 @@ def _down_kernel(
     dt = u_ptr.dtype.element_ty
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rj = tl.arange(0, R_PAD)
+    u_rows = u_ptr + _rows(rm, stride_u)[:, None]
     acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
-        u = tl.load(
-            u_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0
-        )
+        u = tl.load(u_rows + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
         a = tl.load(a_ptr + rj[None, :] * K + rk[:, None], mask=rk[:, None] < K, other=0.0)
         acc = _mma(u, a.to(dt), acc, PRECISION)
     tl.store(h_ptr + rm[:, None] * R_PAD + rj[None, :], acc, mask=rm[:, None] < M)
@@ -113,6 +124,8 @@ def _up_kernel(
     M,
     N,
     per_row,
+    stride_base,
+    stride_y,
     scaling,
     HAS_BASE: tl.constexpr,
     R_PAD: tl.constexpr,
@@ -126,7 +139,7 @@ def _up_kernel(
     grid: (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N))   block: y[BLOCK_M, BLOCK_N].
     """
     dt = y_ptr.dtype.element_ty
-    rm, rn, offs, inside, acc = _epilogue_tile(base_ptr, M, N, HAS_BASE, BLOCK_M, BLOCK_N)
+    rm, rn, inside, acc = _epilogue_tile(base_ptr, stride_base, M, N, HAS_BASE, BLOCK_M, BLOCK_N)
     cs = tl.load(c_ptr + rm // per_row, mask=rm < M, other=0.0) * scaling
     for j0 in tl.static_range(0, R_PAD, R_STEP):
         rj = j0 + tl.arange(0, R_STEP)
@@ -134,57 +147,42 @@ def _up_kernel(
         hs = h * tl.load(e_ptr + rj)[None, :] * cs[:, None]
         b = tl.load(b_ptr + rn[None, :] * R_PAD + rj[:, None], mask=rn[None, :] < N, other=0.0)
         acc = _mma(hs.to(dt), b.to(dt), acc, PRECISION)
-    tl.store(y_ptr + offs, acc.to(dt), mask=inside)
+    tl.store(y_ptr + _rows(rm, stride_y)[:, None] + rn[None, :], acc.to(dt), mask=inside)
 
 
 @triton.jit
 def _grad_h_kernel(
     gy_ptr,
     b_ptr,
-    h_ptr,
     c_ptr,
-    tc_ptr,
-    ic_ptr,
     g_ptr,
-    de_t_ptr,
-    de_ig_ptr,
     M,
     N,
     per_row,
+    stride_gy,
     scaling,
-    HAS_IG: tl.constexpr,
     R_PAD: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """g = s * c_row * (gy @ Bc) (fp32: the gradient reaching h * Ec) and this block's dE sums.
+    """g = s * c_row * (gy @ Bc) (fp32: the gradient reaching h * Ec).
 
-    grid: (cdiv(M, BLOCK_M),)   block: g[BLOCK_M, R_PAD], loop over N.
-    Writes de_t[pid] = sum_rows tc * g * h and, with HAS_IG, de_ig[pid] = sum_rows ic * g * h.
+    grid: (cdiv(M, BLOCK_M),)   block: g[BLOCK_M, R_PAD], loop over N in BLOCK_N steps (one
+    BLOCK_N per dtype: a row's sum does not depend on the tile).
     """
     dt = gy_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rj = tl.arange(0, R_PAD)
+    gy_rows = gy_ptr + _rows(rm, stride_gy)[:, None]
     acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         rn = n0 + tl.arange(0, BLOCK_N)
-        gy = tl.load(
-            gy_ptr + rm[:, None] * N + rn[None, :], mask=(rm[:, None] < M) & (rn[None, :] < N), other=0.0
-        )
+        gy = tl.load(gy_rows + rn[None, :], mask=(rm[:, None] < M) & (rn[None, :] < N), other=0.0)
         b = tl.load(b_ptr + rn[:, None] * R_PAD + rj[None, :], mask=rn[:, None] < N, other=0.0)
         acc = _mma(gy, b.to(dt), acc, PRECISION)
-    row = rm // per_row
-    c = tl.load(c_ptr + row, mask=rm < M, other=0.0)
-    g = acc * (c * scaling)[:, None]
-    tl.store(g_ptr + rm[:, None] * R_PAD + rj[None, :], g, mask=rm[:, None] < M)
-    gh = g * tl.load(h_ptr + rm[:, None] * R_PAD + rj[None, :], mask=rm[:, None] < M, other=0.0)
-    tc = tl.load(tc_ptr + row, mask=rm < M, other=0.0)
-    tl.store(de_t_ptr + pid * R_PAD + rj, tl.sum(gh * tc[:, None], axis=0))
-    if HAS_IG:
-        ic = tl.load(ic_ptr + row, mask=rm < M, other=0.0)
-        tl.store(de_ig_ptr + pid * R_PAD + rj, tl.sum(gh * ic[:, None], axis=0))
+    c = tl.load(c_ptr + rm // per_row, mask=rm < M, other=0.0)
+    tl.store(g_ptr + rm[:, None] * R_PAD + rj[None, :], acc * (c * scaling)[:, None], mask=rm[:, None] < M)
 
 
 @triton.jit
@@ -195,6 +193,7 @@ def _dx_kernel(
     dx_ptr,
     M,
     K,
+    stride_dx,
     ACCUMULATE: tl.constexpr,
     R_PAD: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -206,35 +205,39 @@ def _dx_kernel(
     grid: (cdiv(M, BLOCK_M), cdiv(K, BLOCK_K))   block: dx[BLOCK_M, BLOCK_K].
     """
     dt = dx_ptr.dtype.element_ty
-    rm, rk, offs, inside, acc = _epilogue_tile(dx_ptr, M, K, ACCUMULATE, BLOCK_M, BLOCK_K)
+    rm, rk, inside, acc = _epilogue_tile(dx_ptr, stride_dx, M, K, ACCUMULATE, BLOCK_M, BLOCK_K)
     for j0 in tl.static_range(0, R_PAD, R_STEP):
         rj = j0 + tl.arange(0, R_STEP)
         g = tl.load(g_ptr + rm[:, None] * R_PAD + rj[None, :], mask=rm[:, None] < M, other=0.0)
         ge = g * tl.load(e_ptr + rj)[None, :]
         a = tl.load(a_ptr + rj[:, None] * K + rk[None, :], mask=rk[None, :] < K, other=0.0)
         acc = _mma(ge.to(dt), a.to(dt), acc, PRECISION)
-    tl.store(dx_ptr + offs, acc.to(dt), mask=inside)
+    tl.store(dx_ptr + _rows(rm, stride_dx)[:, None] + rk[None, :], acc.to(dt), mask=inside)
 
 
 @triton.jit
-def _chunk(M, BLOCK_M: tl.constexpr):
-    """Rows [start, end) of this program's chunk: the row blocks dealt evenly over grid dim 1."""
-    chunk = tl.cdiv(tl.cdiv(M, BLOCK_M), tl.num_programs(1)) * BLOCK_M
-    start = tl.program_id(1) * chunk
-    return start, tl.minimum(start + chunk, M)
+def _chunk(M, chunk_rows):
+    """Rows [start, end) of this program's chunk (grid dim 1). ``chunk_rows`` comes from the
+    launcher, a multiple of every BLOCK_M: chunk boundaries do not depend on the tile."""
+    start = tl.program_id(1) * chunk_rows
+    return start, tl.minimum(start + chunk_rows, M)
 
 
 @triton.jit
 def _grad_a_kernel(
     u_ptr,
     g_ptr,
+    h_ptr,
     e_ptr,
     tc_ptr,
     ic_ptr,
     da_ptr,
+    de_ptr,
     M,
     K,
     per_row,
+    stride_u,
+    chunk_rows,
     HAS_IG: tl.constexpr,
     R_PAD: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -242,33 +245,53 @@ def _grad_a_kernel(
     BLOCK_K: tl.constexpr,
 ):
     """One row chunk's part of dA = (g * Ec * tc)^T @ u and, with HAS_IG, of (g * Ec * ic)^T @ u;
-    u read once for both. Partial sums go to da[set, chunk] (fp32, set 0 training, 1 IG).
+    u read once for both. Partial sums go to da[set, chunk] (fp32, set 0 training, 1 IG). The
+    programs of the first feature tile also reduce dE = sum_rows tc * g * h (and with ic) into
+    de[set, chunk]: same chunks, same row blocks, whichever tile is launched.
 
-    grid: (cdiv(K, BLOCK_K), chunks)   block: [R_PAD, BLOCK_K], loop over the chunk's rows.
+    grid: (cdiv(K, BLOCK_K), chunks)   block: [R_PAD, BLOCK_K], loop over the chunk's rows in
+    BLOCK_M steps (one BLOCK_M per dtype).
     """
     dt = u_ptr.dtype.element_ty
     rk = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     rj = tl.arange(0, R_PAD)
     e = tl.load(e_ptr + rj)
-    start, end = _chunk(M, BLOCK_M)
+    reduce_e = tl.program_id(0) == 0
+    start, end = _chunk(M, chunk_rows)
     acc_t = tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32)
     acc_ig = tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32)
+    de_t = tl.zeros((R_PAD,), dtype=tl.float32)
+    de_ig = tl.zeros((R_PAD,), dtype=tl.float32)
     for m0 in range(start, end, BLOCK_M):
         rm = m0 + tl.arange(0, BLOCK_M)
         rows = rm < end
-        u = tl.load(u_ptr + rm[:, None] * K + rk[None, :], mask=rows[:, None] & (rk[None, :] < K), other=0.0)
-        ge_t = tl.load(g_ptr + rm[None, :] * R_PAD + rj[:, None], mask=rows[None, :], other=0.0)
-        ge_t = ge_t * e[:, None]
+        u = tl.load(
+            u_ptr + _rows(rm, stride_u)[:, None] + rk[None, :],
+            mask=rows[:, None] & (rk[None, :] < K),
+            other=0.0,
+        )
+        g_t = tl.load(g_ptr + rm[None, :] * R_PAD + rj[:, None], mask=rows[None, :], other=0.0)
+        ge_t = g_t * e[:, None]
         tc = tl.load(tc_ptr + rm // per_row, mask=rows, other=0.0)
         acc_t = _mma((ge_t * tc[None, :]).to(dt), u, acc_t, PRECISION)
         if HAS_IG:
             ic = tl.load(ic_ptr + rm // per_row, mask=rows, other=0.0)
             acc_ig = _mma((ge_t * ic[None, :]).to(dt), u, acc_ig, PRECISION)
+        if reduce_e:
+            gh_t = g_t * tl.load(h_ptr + rm[None, :] * R_PAD + rj[:, None], mask=rows[None, :], other=0.0)
+            de_t += tl.sum(gh_t * tc[None, :], axis=1)
+            if HAS_IG:
+                de_ig += tl.sum(gh_t * ic[None, :], axis=1)
+    chunk, chunks = tl.program_id(1), tl.num_programs(1)
     slab = R_PAD * K
-    offs = tl.program_id(1) * slab + rj[:, None] * K + rk[None, :]
+    offs = chunk * slab + rj[:, None] * K + rk[None, :]
     tl.store(da_ptr + offs, acc_t, mask=rk[None, :] < K)
     if HAS_IG:
-        tl.store(da_ptr + tl.num_programs(1) * slab + offs, acc_ig, mask=rk[None, :] < K)
+        tl.store(da_ptr + chunks * slab + offs, acc_ig, mask=rk[None, :] < K)
+    if reduce_e:
+        tl.store(de_ptr + chunk * R_PAD + rj, de_t)
+        if HAS_IG:
+            tl.store(de_ptr + (chunks + chunk) * R_PAD + rj, de_ig)
 
 
 @triton.jit
@@ -283,6 +306,8 @@ def _grad_b_kernel(
     M,
     N,
     per_row,
+    stride_gy,
+    chunk_rows,
     HAS_IG: tl.constexpr,
     R_PAD: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -293,20 +318,23 @@ def _grad_b_kernel(
     hs = h * Ec * c_row; gy read once for both. Partial sums go to db[set, chunk] (fp32, before
     the scaling s).
 
-    grid: (cdiv(N, BLOCK_N), chunks)   block: [BLOCK_N, R_PAD], loop over the chunk's rows.
+    grid: (cdiv(N, BLOCK_N), chunks)   block: [BLOCK_N, R_PAD], loop over the chunk's rows in
+    BLOCK_M steps (one BLOCK_M per dtype).
     """
     dt = gy_ptr.dtype.element_ty
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rj = tl.arange(0, R_PAD)
     e = tl.load(e_ptr + rj)
-    start, end = _chunk(M, BLOCK_M)
+    start, end = _chunk(M, chunk_rows)
     acc_t = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
     acc_ig = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
     for m0 in range(start, end, BLOCK_M):
         rm = m0 + tl.arange(0, BLOCK_M)
         rows = rm < end
         gy_t = tl.load(
-            gy_ptr + rm[None, :] * N + rn[:, None], mask=rows[None, :] & (rn[:, None] < N), other=0.0
+            gy_ptr + _rows(rm, stride_gy)[None, :] + rn[:, None],
+            mask=rows[None, :] & (rn[:, None] < N),
+            other=0.0,
         )
         row = rm // per_row
         c = tl.load(c_ptr + row, mask=rows, other=0.0)
@@ -325,7 +353,7 @@ def _grad_b_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
-# Launch space: what the autotuner can pick on a GPU (igu_kernels.audit compiles all of it)
+# Launch space: what the tuner can pick on a GPU (igu_kernels.audit compiles all of it)
 
 
 def _configs(feature: str, tiles: list[tuple[int, int, int, int]]) -> list[triton.Config]:
@@ -342,7 +370,11 @@ def _space(feature: str, wide: list, fp32: list) -> dict[str, list[triton.Config
 
 
 # Tiles (BLOCK_M, BLOCK_<feature>, num_warps, num_stages) that compile without spills at every
-# R_PAD on sm_90a and sm_80 (docs/kernels.md; tests/test_audit.py keeps it so).
+# R_PAD on sm_90a and sm_80 (docs/kernels.md; tests/test_audit.py keeps it so). A tile never
+# changes a result: the block of each kernel's reduction dim (the feature for down and grad_h,
+# the rows for grad_a and grad_b; up and dx reduce over the rank in R_STEP slices) is the same in
+# every tile of a dtype (REDUCTION_BLOCK; tested), so whichever tile wins, the sums are bitwise
+# the same.
 _DOWN_TILES = [(64, 64, 4, 3), (128, 64, 8, 3)]  # loop over the feature dim: down
 _GRAD_H_TILES = [(64, 64, 8, 3), (32, 64, 4, 3)]  # and grad_h
 _GEMM_FP32_TILES = [(32, 32, 4, 2), (64, 32, 8, 2)]
@@ -350,24 +382,35 @@ _RANK_TILES = [(64, 64, 4, 3), (128, 64, 8, 3)]  # the rank is the inner dim: up
 _RANK_FP32_TILES = [(32, 32, 4, 2), (32, 64, 8, 2), (64, 32, 8, 2)]
 _SPLIT_TILES = [(64, 64, 4, 3), (64, 128, 8, 3)]  # row reductions: grad_a, grad_b
 _SPLIT_FP32_TILES = [(16, 32, 4, 2), (16, 64, 8, 2)]
-# The interpreter runs one small configuration of every kernel (it is slow, and it does not tune).
+# The interpreter runs one small configuration of every kernel unless a tuning timer is set
+# (igu_kernels.tuning.timed_by): it is slow.
 _INTERPRETER = {"BLOCK_M": 16}
 
 
 def _tuned(kernel, feature: str, tiles: tuple, dtype_arg: str, flag: str | None = None, **kw) -> Tuned:
-    """A kernel tuned over ``tiles`` (16-bit, fp32), keyed by its feature dim, flag, rank, precision."""
-    key = (feature, *([flag] if flag else []), "R_PAD", "PRECISION")
+    """A kernel tuned over ``tiles`` (16-bit, fp32), keyed by its feature dim, flag and precision
+    (and tuning's buckets of M and R_PAD)."""
+    key = (feature, *([flag] if flag else []), "PRECISION")
     configs = _space(feature, *tiles)
     return Tuned(kernel, configs, key, dtype_arg, {**_INTERPRETER, f"BLOCK_{feature}": 32}, **kw)
 
 
 _DOWN = _tuned(_down_kernel, "K", (_DOWN_TILES, _GEMM_FP32_TILES), "u_ptr")
 _UP = _tuned(_up_kernel, "N", (_RANK_TILES, _RANK_FP32_TILES), "y_ptr", "HAS_BASE")
-_GRAD_H = _tuned(_grad_h_kernel, "N", (_GRAD_H_TILES, _GEMM_FP32_TILES), "gy_ptr", "HAS_IG")
-_DX = _tuned(_dx_kernel, "K", (_RANK_TILES, _RANK_FP32_TILES), "dx_ptr", "ACCUMULATE", restore=("dx_ptr",))
+_GRAD_H = _tuned(_grad_h_kernel, "N", (_GRAD_H_TILES, _GEMM_FP32_TILES), "gy_ptr")
+_DX = _tuned(_dx_kernel, "K", (_RANK_TILES, _RANK_FP32_TILES), "dx_ptr", "ACCUMULATE", scratch=("dx_ptr",))
 _GRAD_A = _tuned(_grad_a_kernel, "K", (_SPLIT_TILES, _SPLIT_FP32_TILES), "u_ptr", "HAS_IG")
 _GRAD_B = _tuned(_grad_b_kernel, "N", (_SPLIT_TILES, _SPLIT_FP32_TILES), "gy_ptr", "HAS_IG")
-TUNED = {t.kernel.fn.__name__: t for t in (_DOWN, _UP, _GRAD_H, _DX, _GRAD_A, _GRAD_B)}
+TUNED = {t.name: t for t in (_DOWN, _UP, _GRAD_H, _DX, _GRAD_A, _GRAD_B)}
+# The constexpr each kernel reduces over in blocks (None: the rank, in R_STEP slices).
+REDUCTION_BLOCK = {
+    "_down_kernel": "BLOCK_K",
+    "_grad_h_kernel": "BLOCK_N",
+    "_grad_a_kernel": "BLOCK_M",
+    "_grad_b_kernel": "BLOCK_M",
+    "_up_kernel": None,
+    "_dx_kernel": None,
+}
 
 # The rest of the launch space, for igu_kernels.audit. Activations (u, gy, the base output, y,
 # dx) arrive in the model's dtype; every other pointer is fp32.
@@ -383,13 +426,27 @@ GPU_CONSTEXPRS = {
 }
 MAX_RANK = 64  # larger active ranks run on the reference (no tile above is audited)
 _WIDEST_FEATURE_TILE = max(f for _, f, _, _ in _SPLIT_TILES + _SPLIT_FP32_TILES)
+_CHUNK_MULTIPLE = max(m for tiles in (_SPLIT_TILES, _SPLIT_FP32_TILES) for m, _, _, _ in tiles)
 _SPLIT_TARGET = {"gpu": (2, 256), "interpreter": (8, 32)}  # (programs per SM | in all, min rows)
+
+
+def tf32_enabled() -> bool:
+    """Whether torch lets fp32 matmuls on CUDA use tf32: ``fp32_precision`` (torch >= 2.9; "none"
+    defers to the global setting), else the legacy ``allow_tf32`` (reading it after the new API
+    was used raises in new torch)."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:
+        return bool(matmul.allow_tf32)
+    if precision == "none":
+        precision = getattr(torch.backends, "fp32_precision", "none")
+    return precision == "tf32"
 
 
 def _precision(dtype: torch.dtype) -> str:
     if interpreting():
         return "emulate"
-    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return "tf32" if dtype == torch.float32 and tf32_enabled() else "ieee"
 
 
 @functools.cache
@@ -410,6 +467,12 @@ def row_chunks(M: int, features: int, device: torch.device) -> int:
     return max(1, min(by_grid, triton.cdiv(M, min_rows)))
 
 
+def chunk_rows(M: int, chunks: int) -> int:
+    """Rows per chunk: the rows dealt evenly over ``chunks``, rounded up to a multiple of every
+    tile's BLOCK_M (so no tile moves a chunk boundary)."""
+    return triton.cdiv(triton.cdiv(M, _CHUNK_MULTIPLE), chunks) * _CHUNK_MULTIPLE
+
+
 # ---------------------------------------------------------------------------------------------
 # Launcher
 
@@ -419,22 +482,60 @@ def _rank_pad(r: int) -> int:
 
 
 class _Compact:
-    """Active ranks of one adapter gathered into dense, zero-padded fp32 operands."""
+    """Active ranks of one adapter gathered into dense, zero-padded fp32 operands.
 
-    def __init__(self, A: Tensor, E: Tensor, B: Tensor, mask: Tensor | None) -> None:
-        self.index = torch.arange(A.shape[0], device=A.device) if mask is None else mask.nonzero().flatten()
-        r, self.r_pad = self.index.numel(), _rank_pad(self.index.numel())
+    The active-rank index (a host sync: ``nonzero``) and ``r_pad`` depend on the mask alone and
+    are found again only when the mask changes; the operands are gathered again when a factor
+    changes (an optimizer step). Both are cached per adapter (on its ``A``) and compared by the
+    tensors' identity, storage and version counter, so a forward, its checkpoint recompute and
+    every micro-batch of an accumulation window share one gather.
+    """
+
+    def __init__(self, A: Tensor, E: Tensor, B: Tensor, mask: Tensor | None, previous: _Compact | None):
+        self.held = (mask, E, B)  # alive while cached: their ids stay theirs
+        self.mask_state = _state(mask)
+        self.factor_state = tuple(_state(t) for t in (A, E, B))
+        if previous is not None and previous.mask_state == self.mask_state:
+            self.index, self.r, self.r_pad = previous.index, previous.r, previous.r_pad
+        else:
+            every = torch.arange(A.shape[0], device=A.device)
+            self.index = every if mask is None else mask.nonzero().flatten()
+            self.r = self.index.numel()
+            self.r_pad = _rank_pad(self.r)
         f32 = {"device": A.device, "dtype": torch.float32}
         self.A = torch.zeros(self.r_pad, A.shape[1], **f32)
         self.E = torch.zeros(self.r_pad, **f32)
         self.B = torch.zeros(B.shape[0], self.r_pad, **f32)
-        self.A[:r] = A.detach()[self.index]
-        self.E[:r] = E.detach()[self.index]
-        self.B[:, :r] = B.detach()[:, self.index]
+        self.A[: self.r] = A.detach().index_select(0, self.index)
+        self.E[: self.r] = E.detach().index_select(0, self.index)
+        self.B[:, : self.r] = B.detach().index_select(1, self.index)
 
-    @property
-    def r(self) -> int:
-        return self.index.numel()
+    @classmethod
+    def of(cls, A: Tensor, E: Tensor, B: Tensor, mask: Tensor | None) -> _Compact:
+        """The cached operands of this adapter, rebuilt (in new tensors) if anything changed."""
+        cached = _COMPACT.get(A)
+        if cached is not None and cached.mask_state == _state(mask):
+            if cached.factor_state == tuple(_state(t) for t in (A, E, B)):
+                return cached
+        fresh = cls(A, E, B, mask, cached)
+        _COMPACT[A] = fresh
+        return fresh
+
+
+def _state(t: Tensor | None) -> tuple | None:
+    """What identifies a tensor's current values without reading them."""
+    if t is None:
+        return None
+    return id(t), t.data_ptr(), t._version, tuple(t.shape)
+
+
+_COMPACT: weakref.WeakKeyDictionary[Tensor, _Compact] = weakref.WeakKeyDictionary()
+
+
+def _rows_of(t: Tensor, features: int) -> Tensor:
+    """``t`` as (rows, features) with unit feature stride; a row stride of any size is kept."""
+    t2 = t.reshape(-1, features)
+    return t2 if t2.stride(1) == 1 or features == 1 else t2.contiguous()
 
 
 class TritonLoraLinearFunction(torch.autograd.Function):
@@ -452,25 +553,27 @@ class TritonLoraLinearFunction(torch.autograd.Function):
         ctx, u, base, weight, bias, A, E, B, mask, scaling, row_scale, train_coef, ig_coef, ig_buffers
     ):
         K, N = A.shape[1], B.shape[0]
-        u2 = u.reshape(-1, K).contiguous()
+        u2 = _rows_of(u, K)
         M = u2.shape[0]
         per_row = max(1, M // row_scale.shape[0])
         if weight is not None:
             base = F.linear(u2, weight, bias)
-        base2 = None if base is None else base.reshape(M, N).contiguous()
+        base2 = None if base is None else _rows_of(base, N)
         y = torch.empty(M, N, device=u.device, dtype=u.dtype)
-        compact = _Compact(A, E, B, mask)
+        compact = _Compact.of(A, E, B, mask)
         h = torch.empty(M, compact.r_pad, device=u.device, dtype=torch.float32)
         c = row_scale.to(torch.float32).contiguous()
         precision = _precision(u.dtype)
         if compact.r and M:
-            _DOWN[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)](
-                u2, compact.A, h, M, K, R_PAD=compact.r_pad, PRECISION=precision
-            )
-            _UP[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))](
-                h, compact.E, c, compact.B, y if base2 is None else base2, y, M, N, per_row, float(scaling),
-                HAS_BASE=base2 is not None, R_PAD=compact.r_pad, PRECISION=precision,
-            )  # fmt: skip
+            src = y if base2 is None else base2
+            with device_guard(u2):
+                _DOWN[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)](
+                    u2, compact.A, h, M, K, u2.stride(0), R_PAD=compact.r_pad, PRECISION=precision
+                )
+                _UP[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))](
+                    h, compact.E, c, compact.B, src, y, M, N, per_row, src.stride(0), y.stride(0),
+                    float(scaling), HAS_BASE=base2 is not None, R_PAD=compact.r_pad, PRECISION=precision,
+                )  # fmt: skip
         elif base2 is None:
             y.zero_()
         else:
@@ -486,11 +589,9 @@ class TritonLoraLinearFunction(torch.autograd.Function):
     @autocast_off
     def backward(ctx, gy):
         u2, h, c, tc, A, E, B, weight = ctx.saved_tensors
-        compact, s, per_row, precision = ctx.compact, ctx.scaling, ctx.per_row, ctx.precision
-        (M, K), N, r_pad = u2.shape, B.shape[0], compact.r_pad
+        compact, M, N = ctx.compact, u2.shape[0], B.shape[0]
         has_ig, active = ctx.ig_buffers is not None, bool(compact.r and M)
-        gy2 = gy.reshape(M, N).to(u2.dtype).contiguous()
-        f32 = {"device": u2.device, "dtype": torch.float32}
+        gy2 = _rows_of(gy.to(u2.dtype), N)
         dA, dE, dB = torch.zeros_like(A), torch.zeros_like(E), torch.zeros_like(B)
         d_base = gy.reshape(ctx.base_shape) if ctx.needs_input_grad[1] else None
         d_weight = gy2.t() @ u2 if ctx.needs_input_grad[2] else None
@@ -502,41 +603,51 @@ class TritonLoraLinearFunction(torch.autograd.Function):
             du = torch.empty_like(u2) if active else torch.zeros_like(u2)
         if active:
             ic = ctx.ig_coef if has_ig else tc
-            g = torch.empty(M, r_pad, **f32)
-            blocks = triton.cdiv(M, _GRAD_H.smallest("BLOCK_M"))
-            de_t, de_ig = torch.zeros(blocks, r_pad, **f32), torch.zeros(blocks, r_pad, **f32)
-            _GRAD_H[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)](
-                gy2, compact.B, h, c, tc, ic, g, de_t, de_ig, M, N, per_row, s,
-                HAS_IG=has_ig, R_PAD=r_pad, PRECISION=precision,
-            )  # fmt: skip
-            if du is not None:
-                _DX[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_K"]))](
-                    g, compact.E, compact.A, du, M, K, ACCUMULATE=weight is not None, R_PAD=r_pad,
-                    PRECISION=precision,
-                )  # fmt: skip
-            sets = 2 if has_ig else 1
-            chunks_a, chunks_b = row_chunks(M, K, u2.device), row_chunks(M, N, u2.device)
-            da = torch.empty(sets, chunks_a, r_pad, K, **f32)
-            _GRAD_A[lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), chunks_a)](
-                u2, g, compact.E, tc, ic, da, M, K, per_row, HAS_IG=has_ig, R_PAD=r_pad, PRECISION=precision
-            )
-            db = torch.empty(sets, chunks_b, N, r_pad, **f32)
-            _GRAD_B[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), chunks_b)](
-                gy2, h, compact.E, c, tc, ic, db, M, N, per_row, HAS_IG=has_ig, R_PAD=r_pad,
-                PRECISION=precision,
-            )  # fmt: skip
-            da, db = da.sum(1), db.sum(1) * s  # chunk order fixed: deterministic
+            with device_guard(u2):
+                da, de, db = _backward_kernels(ctx, u2, gy2, h, c, tc, ic, du, weight is not None)
             idx, r = compact.index, compact.r
             dA[idx] = da[0, :r].to(dA.dtype)
-            dE[idx] = de_t.sum(0)[:r].to(dE.dtype)
+            dE[idx] = de[0, :r].to(dE.dtype)
             dB[:, idx] = db[0, :, :r].to(dB.dtype)
             if has_ig:
                 buf_a, buf_e, buf_b = ctx.ig_buffers
                 buf_a[idx] += (compact.A[:r] * da[1, :r]).to(buf_a.dtype)
-                buf_e[idx] += (compact.E[:r] * de_ig.sum(0)[:r]).to(buf_e.dtype)
+                buf_e[idx] += (compact.E[:r] * de[1, :r]).to(buf_e.dtype)
                 buf_b[:, idx] += (compact.B[:, :r] * db[1, :, :r]).to(buf_b.dtype)
         du = None if du is None else du.reshape(ctx.in_shape)
         return du, d_base, d_weight, d_bias, dA, dE, dB, None, None, None, None, None, None
+
+
+def _backward_kernels(ctx, u2, gy2, h, c, tc, ic, du, accumulate: bool):
+    """g, then du (in place) and the chunked row reductions; returns (dA, dE, dB) sums per
+    coefficient set (training, IG), chunks added in a fixed order (deterministic)."""
+    compact, s, per_row, precision = ctx.compact, ctx.scaling, ctx.per_row, ctx.precision
+    (M, K), N, r_pad = u2.shape, gy2.shape[1], compact.r_pad
+    has_ig = ctx.ig_buffers is not None
+    f32 = {"device": u2.device, "dtype": torch.float32}
+    g = torch.empty(M, r_pad, **f32)
+    _GRAD_H[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)](
+        gy2, compact.B, c, g, M, N, per_row, gy2.stride(0), s, R_PAD=r_pad, PRECISION=precision
+    )
+    if du is not None:
+        _DX[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_K"]))](
+            g, compact.E, compact.A, du, M, K, du.stride(0), ACCUMULATE=accumulate, R_PAD=r_pad,
+            PRECISION=precision,
+        )  # fmt: skip
+    sets = 2 if has_ig else 1
+    chunks_a, chunks_b = row_chunks(M, K, u2.device), row_chunks(M, N, u2.device)
+    da = torch.empty(sets, chunks_a, r_pad, K, **f32)
+    de = torch.empty(sets, chunks_a, r_pad, **f32)
+    _GRAD_A[lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), chunks_a)](
+        u2, g, h, compact.E, tc, ic, da, de, M, K, per_row, u2.stride(0), chunk_rows(M, chunks_a),
+        HAS_IG=has_ig, R_PAD=r_pad, PRECISION=precision,
+    )  # fmt: skip
+    db = torch.empty(sets, chunks_b, N, r_pad, **f32)
+    _GRAD_B[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), chunks_b)](
+        gy2, h, compact.E, c, tc, ic, db, M, N, per_row, gy2.stride(0), chunk_rows(M, chunks_b),
+        HAS_IG=has_ig, R_PAD=r_pad, PRECISION=precision,
+    )  # fmt: skip
+    return da.sum(1), de.sum(1), db.sum(1) * s
 
 
 def adapted_linear(

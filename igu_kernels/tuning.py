@@ -1,17 +1,38 @@
-"""Launch configurations of the Triton kernels: autotuned on a GPU, fixed in the interpreter.
+"""Launch configurations of the Triton kernels: tuned once per key, pinned, recorded.
 
 A kernel module declares, for each kernel, the ``triton.Config`` list per activation dtype the
-autotuner may pick from (a config that fits bf16 can spill in fp32 IEEE), the tuning key, and
-the one configuration the interpreter runs (autotuning means nothing there). The compile audit
-reads the same declarations (``Tuned.configs_for``), so every configuration a GPU can pick is
-compiled and inspected on the CPU.
+tuner may pick from (a config that fits bf16 can spill in fp32 IEEE), the arguments that key the
+choice, and the one configuration the interpreter runs by default. The compile audit reads the
+same declarations (``Tuned.configs_for``), so every configuration a GPU can pick is compiled and
+inspected on the CPU.
+
+On the first launch of a key, every configuration allowed for the dtype is timed by the current
+timer (``triton.testing.do_bench`` on a GPU) and the fastest is pinned for the process: the key
+is the dtype, the declared arguments, a power-of-two bucket of the rows ``M`` (a tile picked on a
+short warm-up batch does not serve a 128k-token one) and a bucket of ``R_PAD`` (pruning 64 -> 32
+-> 16 ranks does not retune at each step). Pointers a kernel updates in place (``scratch``) are
+tuned on a scratch tensor, so no trial touches the caller's data; every other output is written
+whole by every configuration, and the kernels' reductions do not depend on the tile (tested), so
+no trial can leave a partial result behind.
+
+``IGULORA_TUNING_FILE=path.json``: choices found there are used without timing, new ones are
+added to it (atomically), so processes sharing it (DDP ranks, a second run) launch the same tiles.
+
+The interpreter runs the fixed configuration, unless a timer is installed with :func:`timed_by`:
+then the tuned path runs there too, which is how the tests force each configuration to win.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
-from collections.abc import Callable, Sequence
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import triton
@@ -19,50 +40,194 @@ import triton
 from igu_kernels.dispatch import interpreting
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+TUNING_FILE_ENV = "IGULORA_TUNING_FILE"
 
 
 @dataclass(frozen=True)
+class Trial:
+    """One configuration being timed: ``configs[index]`` of ``kernel`` for tuning key ``key``."""
+
+    kernel: str
+    key: tuple
+    index: int
+    configs: tuple[triton.Config, ...]
+
+    @property
+    def config(self) -> triton.Config:
+        return self.configs[self.index]
+
+
+Timer = Callable[[Callable[[], None], Trial], float]  # (run one launch, trial) -> time
+
+
+def device_timer(run: Callable[[], None], trial: Trial) -> float:
+    """Median milliseconds of ``run`` on the GPU."""
+    return triton.testing.do_bench(run, warmup=5, rep=25)
+
+
+def favouring(pick: int) -> Timer:
+    """A deterministic fake timer: configuration ``pick`` (Python indexing: -1 is the last) of
+    every kernel wins. Each trial really launches once, as on a GPU."""
+
+    def timer(run: Callable[[], None], trial: Trial) -> float:
+        run()
+        return 0.0 if trial.index == range(len(trial.configs))[pick % len(trial.configs)] else 1.0
+
+    return timer
+
+
+_timer: Timer | None = None  # None: device_timer on a GPU, the fixed configuration in the interpreter
+REGISTRY: list[Tuned] = []
+
+
+@contextlib.contextmanager
+def timed_by(timer: Timer) -> Iterator[None]:
+    """Tune with ``timer`` (also in the interpreter), from empty caches; the previous timer and
+    choices come back on exit."""
+    global _timer
+    saved = [(tuned, dict(tuned.cache)) for tuned in REGISTRY]
+    previous, _timer = _timer, timer
+    for tuned in REGISTRY:
+        tuned.cache.clear()
+    try:
+        yield
+    finally:
+        _timer = previous
+        for tuned, cache in saved:
+            tuned.cache.clear()
+            tuned.cache.update(cache)
+
+
+def device_guard(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Launch on ``tensor``'s device, not the current one (a CUDA tensor on device 1 while device
+    0 is current); nothing to do for CPU tensors (the interpreter)."""
+    return torch.cuda.device(tensor.device) if tensor.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _bucket_m(m: int) -> int:
+    return triton.next_power_of_2(max(int(m), 1))
+
+
+def _bucket_rank(r_pad: int) -> str:
+    return "wide" if r_pad >= 64 else "narrow"
+
+
+BUCKETS = {"M": _bucket_m, "R_PAD": _bucket_rank}
+
+
+def config_record(config: triton.Config) -> dict:
+    return {"kwargs": dict(config.kwargs), "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+@dataclass
 class Tuned:
     """One kernel with its launch space. ``tuned[grid](*args, **constexprs)`` launches it;
     ``grid`` is a function of the chosen configuration's constexprs (``meta``)."""
 
     kernel: triton.runtime.JITFunction
     configs: dict[str, Sequence[triton.Config]]  # by activation dtype name
-    key: Sequence[str]
+    key: Sequence[str]  # arguments that key the choice (besides the dtype and BUCKETS)
     dtype_arg: str  # the pointer whose element type names the dtype
     interpreter: dict
-    restore: Sequence[str] = field(default=())  # pointers the kernel updates in place
+    scratch: Sequence[str] = ()  # pointers the kernel updates in place: tuned on a scratch copy
+    cache: dict[tuple, triton.Config] = field(default_factory=dict)  # pinned choices
+
+    def __post_init__(self) -> None:
+        REGISTRY.append(self)
+
+    @property
+    def name(self) -> str:
+        return self.kernel.fn.__name__
 
     def configs_for(self, dtype: str) -> list[triton.Config]:
         return list(self.configs[dtype])
 
-    def smallest(self, name: str) -> int:
-        """The smallest value of a tuned constexpr this launch can get (to size per-block outputs)."""
-        if interpreting():
-            return self.interpreter[name]
-        return min(c.kwargs[name] for cs in self.configs.values() for c in cs)
+    def chosen(self) -> dict[tuple, triton.Config]:
+        """The configuration pinned per tuning key in this process."""
+        return dict(self.cache)
 
-    def chosen(self) -> dict:
-        """The configuration the autotuner picked per tuning key in this process (GPU only)."""
-        return dict(self._autotuner.cache) if "_autotuner" in self.__dict__ else {}
+    def tuning_key(self, named: dict) -> tuple:
+        dtype = DTYPE_NAMES[named[self.dtype_arg].dtype]
+        bucketed = tuple(f"{n}~{fn(named[n])}" for n, fn in BUCKETS.items())
+        return (dtype, *(f"{n}={named[n]}" for n in self.key), *bucketed)
 
-    @functools.cached_property
-    def _autotuner(self):
-        def by_dtype(configs, named_args, **kwargs):
-            dtype = DTYPE_NAMES[named_args[self.dtype_arg].dtype]
-            allowed = {repr(c) for c in self.configs[dtype]}
-            return [c for c in configs if repr(c) in allowed]
+    def __getitem__(self, grid: Callable[[dict], tuple[int, ...]]) -> Callable[..., None]:
+        return functools.partial(self._launch, grid)
 
-        every = list({repr(c): c for cs in self.configs.values() for c in cs}.values())
-        return triton.autotune(
-            configs=every,
-            key=list(self.key),
-            prune_configs_by={"early_config_prune": by_dtype},
-            restore_value=list(self.restore) or None,
-        )(self.kernel)
-
-    def __getitem__(self, grid: Callable[[dict], tuple[int, ...]]):
-        if interpreting():
+    def _launch(self, grid, *args, **constexprs) -> None:
+        if interpreting() and _timer is None:
             meta = self.interpreter
-            return functools.partial(self.kernel[grid(meta)], **meta)
-        return self._autotuner[grid]
+            self.kernel[grid(meta)](*args, **constexprs, **meta)
+            return
+        named = dict(zip(self.kernel.arg_names, args)) | constexprs
+        key = self.tuning_key(named)
+        config = self.cache.get(key) or self._pinned(key) or self._tune(grid, args, constexprs, named, key)
+        self._run(config, grid, args, constexprs)
+
+    def _run(self, config: triton.Config, grid, args, constexprs) -> None:
+        self.kernel[grid(config.kwargs)](
+            *args, **constexprs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages
+        )
+
+    def _pinned(self, key: tuple) -> triton.Config | None:
+        """The choice for ``key`` in IGULORA_TUNING_FILE, if any."""
+        record = read_tuning_file().get(self.name, {}).get(repr(key))
+        if record is None:
+            return None
+        config = triton.Config(
+            record["kwargs"], num_warps=record["num_warps"], num_stages=record["num_stages"]
+        )
+        self.cache[key] = config
+        return config
+
+    def _tune(self, grid, args, constexprs, named, key) -> triton.Config:
+        configs = tuple(self.configs[key[0]])
+        if len(configs) > 1:
+            trial_args = list(args)
+            for name in self.scratch:
+                i = self.kernel.arg_names.index(name)
+                trial_args[i] = torch.empty_like(named[name])
+            timer = _timer or device_timer
+            times = []
+            for index, config in enumerate(configs):
+                trial = Trial(self.name, key, index, configs)
+                try:
+                    times.append(
+                        timer(functools.partial(self._run, config, grid, trial_args, constexprs), trial)
+                    )
+                except triton.runtime.errors.OutOfResources:
+                    times.append(float("inf"))
+            configs = (configs[min(range(len(times)), key=times.__getitem__)],)  # first of equals
+        self.cache[key] = configs[0]
+        record_choice(self.name, key, configs[0])
+        return configs[0]
+
+
+def read_tuning_file() -> dict:
+    path = os.environ.get(TUNING_FILE_ENV)
+    if not path or not Path(path).is_file():
+        return {}
+    return json.loads(Path(path).read_text() or "{}")
+
+
+def record_choice(kernel: str, key: tuple, config: triton.Config) -> None:
+    """Add one choice to IGULORA_TUNING_FILE (under a lock, written atomically), keeping what
+    another process recorded first."""
+    path = os.environ.get(TUNING_FILE_ENV)
+    if not path:
+        return
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(target.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        records = read_tuning_file()
+        records.setdefault(kernel, {}).setdefault(repr(key), config_record(config))
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(records, f, indent=1, sort_keys=True)
+        os.replace(tmp, target)
+
+
+def choices() -> dict[str, dict[str, dict]]:
+    """Every choice pinned in this process: {kernel: {repr(key): config}}."""
+    return {t.name: {repr(k): config_record(c) for k, c in t.cache.items()} for t in REGISTRY if t.cache}
