@@ -566,7 +566,7 @@ class TritonLoraLinearFunction(torch.autograd.Function):
         precision = _precision(u.dtype)
         if compact.r and M:
             src = y if base2 is None else base2
-            with device_guard(u2):
+            with device_guard(u2.device):
                 _DOWN[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)](
                     u2, compact.A, h, M, K, u2.stride(0), R_PAD=compact.r_pad, PRECISION=precision
                 )
@@ -603,7 +603,7 @@ class TritonLoraLinearFunction(torch.autograd.Function):
             du = torch.empty_like(u2) if active else torch.zeros_like(u2)
         if active:
             ic = ctx.ig_coef if has_ig else tc
-            with device_guard(u2):
+            with device_guard(u2.device):
                 da, de, db = _backward_kernels(ctx, u2, gy2, h, c, tc, ic, du, weight is not None)
             idx, r = compact.index, compact.r
             dA[idx] = da[0, :r].to(dA.dtype)

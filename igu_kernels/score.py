@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from igu_kernels.reference import SCORES
+from igu_kernels.tuning import device_guard
 
 BLOCK = 1024
 
@@ -107,9 +108,21 @@ def score_update(ig, ibar, ubar, *, beta1, beta2, score, eps, out=None):
     ig = ig.contiguous()
     n = ibar.numel()
     if n:
-        _score_update_kernel[(triton.cdiv(n, BLOCK),)](
-            ig, ibar, ubar, out, n, beta1, beta2, 1.0 - beta1, 1.0 - beta2, eps, SCORES.index(score), BLOCK
-        )
+        with device_guard(ibar.device):
+            _score_update_kernel[(triton.cdiv(n, BLOCK),)](
+                ig,
+                ibar,
+                ubar,
+                out,
+                n,
+                beta1,
+                beta2,
+                1.0 - beta1,
+                1.0 - beta2,
+                eps,
+                SCORES.index(score),
+                BLOCK,
+            )
     return out
 
 
@@ -118,5 +131,6 @@ def triplet_scores(score_A, score_E, score_B):
     R, K = score_A.shape
     out = torch.empty(R, device=score_A.device, dtype=torch.float32)
     if R:
-        _triplet_kernel[(R,)](score_A, score_E, score_B, out, R, K, score_B.shape[0], 256)
+        with device_guard(out.device):
+            _triplet_kernel[(R,)](score_A, score_E, score_B, out, R, K, score_B.shape[0], 256)
     return out

@@ -98,10 +98,10 @@ def timed_by(timer: Timer) -> Iterator[None]:
             tuned.cache.update(cache)
 
 
-def device_guard(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
-    """Launch on ``tensor``'s device, not the current one (a CUDA tensor on device 1 while device
-    0 is current); nothing to do for CPU tensors (the interpreter)."""
-    return torch.cuda.device(tensor.device) if tensor.device.type == "cuda" else contextlib.nullcontext()
+def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
+    """Launch on the tensors' ``device``, not the current one (tensors on cuda:1 while cuda:0 is
+    current); nothing to do for CPU tensors (the interpreter)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _bucket_m(m: int) -> int:
@@ -186,7 +186,7 @@ class Tuned:
             trial_args = list(args)
             for name in self.scratch:
                 i = self.kernel.arg_names.index(name)
-                trial_args[i] = torch.empty_like(named[name])
+                trial_args[i] = torch.zeros_like(named[name])
             timer = _timer or device_timer
             times = []
             for index, config in enumerate(configs):
