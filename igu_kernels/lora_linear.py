@@ -227,12 +227,10 @@ def _chunk(M, chunk_rows):
 def _grad_a_kernel(
     u_ptr,
     g_ptr,
-    h_ptr,
     e_ptr,
     tc_ptr,
     ic_ptr,
     da_ptr,
-    de_ptr,
     M,
     K,
     per_row,
@@ -245,9 +243,7 @@ def _grad_a_kernel(
     BLOCK_K: tl.constexpr,
 ):
     """One row chunk's part of dA = (g * Ec * tc)^T @ u and, with HAS_IG, of (g * Ec * ic)^T @ u;
-    u read once for both. Partial sums go to da[set, chunk] (fp32, set 0 training, 1 IG). The
-    programs of the first feature tile also reduce dE = sum_rows tc * g * h (and with ic) into
-    de[set, chunk]: same chunks, same row blocks, whichever tile is launched.
+    u read once for both. Partial sums go to da[set, chunk] (fp32, set 0 training, 1 IG).
 
     grid: (cdiv(K, BLOCK_K), chunks)   block: [R_PAD, BLOCK_K], loop over the chunk's rows in
     BLOCK_M steps (one BLOCK_M per dtype).
@@ -256,12 +252,9 @@ def _grad_a_kernel(
     rk = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     rj = tl.arange(0, R_PAD)
     e = tl.load(e_ptr + rj)
-    reduce_e = tl.program_id(0) == 0
     start, end = _chunk(M, chunk_rows)
     acc_t = tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32)
     acc_ig = tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32)
-    de_t = tl.zeros((R_PAD,), dtype=tl.float32)
-    de_ig = tl.zeros((R_PAD,), dtype=tl.float32)
     for m0 in range(start, end, BLOCK_M):
         rm = m0 + tl.arange(0, BLOCK_M)
         rows = rm < end
@@ -270,28 +263,57 @@ def _grad_a_kernel(
             mask=rows[:, None] & (rk[None, :] < K),
             other=0.0,
         )
-        g_t = tl.load(g_ptr + rm[None, :] * R_PAD + rj[:, None], mask=rows[None, :], other=0.0)
-        ge_t = g_t * e[:, None]
+        ge_t = tl.load(g_ptr + rm[None, :] * R_PAD + rj[:, None], mask=rows[None, :], other=0.0)
+        ge_t = ge_t * e[:, None]
         tc = tl.load(tc_ptr + rm // per_row, mask=rows, other=0.0)
         acc_t = _mma((ge_t * tc[None, :]).to(dt), u, acc_t, PRECISION)
         if HAS_IG:
             ic = tl.load(ic_ptr + rm // per_row, mask=rows, other=0.0)
             acc_ig = _mma((ge_t * ic[None, :]).to(dt), u, acc_ig, PRECISION)
-        if reduce_e:
-            gh_t = g_t * tl.load(h_ptr + rm[None, :] * R_PAD + rj[:, None], mask=rows[None, :], other=0.0)
-            de_t += tl.sum(gh_t * tc[None, :], axis=1)
-            if HAS_IG:
-                de_ig += tl.sum(gh_t * ic[None, :], axis=1)
-    chunk, chunks = tl.program_id(1), tl.num_programs(1)
     slab = R_PAD * K
-    offs = chunk * slab + rj[:, None] * K + rk[None, :]
+    offs = tl.program_id(1) * slab + rj[:, None] * K + rk[None, :]
     tl.store(da_ptr + offs, acc_t, mask=rk[None, :] < K)
     if HAS_IG:
-        tl.store(da_ptr + chunks * slab + offs, acc_ig, mask=rk[None, :] < K)
-    if reduce_e:
-        tl.store(de_ptr + chunk * R_PAD + rj, de_t)
+        tl.store(da_ptr + tl.num_programs(1) * slab + offs, acc_ig, mask=rk[None, :] < K)
+
+
+@triton.jit
+def _grad_e_kernel(
+    g_ptr,
+    h_ptr,
+    tc_ptr,
+    ic_ptr,
+    de_ptr,
+    M,
+    per_row,
+    chunk_rows,
+    HAS_IG: tl.constexpr,
+    R_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """One row chunk's part of dE = sum_rows tc * g * h and, with HAS_IG, of sum_rows ic * g * h
+    (fp32, from the fp32 row factors: 8 bytes a rank a row). Partial sums go to de[set, chunk].
+
+    grid: (chunks,)   block: [BLOCK_M, R_PAD], loop over the chunk's rows (untuned: one block).
+    """
+    rj = tl.arange(0, R_PAD)
+    start = tl.program_id(0) * chunk_rows
+    end = tl.minimum(start + chunk_rows, M)
+    de_t = tl.zeros((R_PAD,), dtype=tl.float32)
+    de_ig = tl.zeros((R_PAD,), dtype=tl.float32)
+    for m0 in range(start, end, BLOCK_M):
+        rm = m0 + tl.arange(0, BLOCK_M)
+        rows = rm < end
+        offs = rm[:, None] * R_PAD + rj[None, :]
+        gh = tl.load(g_ptr + offs, mask=rows[:, None], other=0.0) * tl.load(
+            h_ptr + offs, mask=rows[:, None], other=0.0
+        )
+        de_t += tl.sum(gh * tl.load(tc_ptr + rm // per_row, mask=rows, other=0.0)[:, None], axis=0)
         if HAS_IG:
-            tl.store(de_ptr + (chunks + chunk) * R_PAD + rj, de_ig)
+            de_ig += tl.sum(gh * tl.load(ic_ptr + rm // per_row, mask=rows, other=0.0)[:, None], axis=0)
+    tl.store(de_ptr + tl.program_id(0) * R_PAD + rj, de_t)
+    if HAS_IG:
+        tl.store(de_ptr + (tl.num_programs(0) + tl.program_id(0)) * R_PAD + rj, de_ig)
 
 
 @triton.jit
@@ -401,13 +423,18 @@ _GRAD_H = _tuned(_grad_h_kernel, "N", (_GRAD_H_TILES, _GEMM_FP32_TILES), "gy_ptr
 _DX = _tuned(_dx_kernel, "K", (_RANK_TILES, _RANK_FP32_TILES), "dx_ptr", "ACCUMULATE", scratch=("dx_ptr",))
 _GRAD_A = _tuned(_grad_a_kernel, "K", (_SPLIT_TILES, _SPLIT_FP32_TILES), "u_ptr", "HAS_IG")
 _GRAD_B = _tuned(_grad_b_kernel, "N", (_SPLIT_TILES, _SPLIT_FP32_TILES), "gy_ptr", "HAS_IG")
-TUNED = {t.name: t for t in (_DOWN, _UP, _GRAD_H, _DX, _GRAD_A, _GRAD_B)}
+_E_TILE = [triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=2)]  # fp32 rows only: one tile
+_GRAD_E = Tuned(
+    _grad_e_kernel, dict.fromkeys(("fp32", "fp16", "bf16"), _E_TILE), (), "g_ptr", {"BLOCK_M": 16}
+)
+TUNED = {t.name: t for t in (_DOWN, _UP, _GRAD_H, _DX, _GRAD_A, _GRAD_B, _GRAD_E)}
 # The constexpr each kernel reduces over in blocks (None: the rank, in R_STEP slices).
 REDUCTION_BLOCK = {
     "_down_kernel": "BLOCK_K",
     "_grad_h_kernel": "BLOCK_N",
     "_grad_a_kernel": "BLOCK_M",
     "_grad_b_kernel": "BLOCK_M",
+    "_grad_e_kernel": "BLOCK_M",
     "_up_kernel": None,
     "_dx_kernel": None,
 }
@@ -513,12 +540,14 @@ class _Compact:
     @classmethod
     def of(cls, A: Tensor, E: Tensor, B: Tensor, mask: Tensor | None) -> _Compact:
         """The cached operands of this adapter, rebuilt (in new tensors) if anything changed."""
-        cached = _COMPACT.get(A)
+        cached = _COMPACT.get(id(A))
         if cached is not None and cached.mask_state == _state(mask):
             if cached.factor_state == tuple(_state(t) for t in (A, E, B)):
                 return cached
         fresh = cls(A, E, B, mask, cached)
-        _COMPACT[A] = fresh
+        if cached is None:
+            weakref.finalize(A, _COMPACT.pop, id(A), None)
+        _COMPACT[id(A)] = fresh
         return fresh
 
 
@@ -529,7 +558,7 @@ def _state(t: Tensor | None) -> tuple | None:
     return id(t), t.data_ptr(), t._version, tuple(t.shape)
 
 
-_COMPACT: weakref.WeakKeyDictionary[Tensor, _Compact] = weakref.WeakKeyDictionary()
+_COMPACT: dict[int, _Compact] = {}  # by id(A), dropped when A is freed
 
 
 def _rows_of(t: Tensor, features: int) -> Tensor:
@@ -637,11 +666,15 @@ def _backward_kernels(ctx, u2, gy2, h, c, tc, ic, du, accumulate: bool):
     sets = 2 if has_ig else 1
     chunks_a, chunks_b = row_chunks(M, K, u2.device), row_chunks(M, N, u2.device)
     da = torch.empty(sets, chunks_a, r_pad, K, **f32)
-    de = torch.empty(sets, chunks_a, r_pad, **f32)
     _GRAD_A[lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), chunks_a)](
-        u2, g, h, compact.E, tc, ic, da, de, M, K, per_row, u2.stride(0), chunk_rows(M, chunks_a),
+        u2, g, compact.E, tc, ic, da, M, K, per_row, u2.stride(0), chunk_rows(M, chunks_a),
         HAS_IG=has_ig, R_PAD=r_pad, PRECISION=precision,
     )  # fmt: skip
+    chunks_e = row_chunks(M, r_pad, u2.device)
+    de = torch.empty(sets, chunks_e, r_pad, **f32)
+    _GRAD_E[lambda meta: (chunks_e,)](
+        g, h, tc, ic, de, M, per_row, chunk_rows(M, chunks_e), HAS_IG=has_ig, R_PAD=r_pad
+    )
     db = torch.empty(sets, chunks_b, N, r_pad, **f32)
     _GRAD_B[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), chunks_b)](
         gy2, h, compact.E, c, tc, ic, db, M, N, per_row, gy2.stride(0), chunk_rows(M, chunks_b),

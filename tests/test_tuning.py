@@ -23,7 +23,11 @@ from igu_kernels import lora_linear, reference, tuning  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TILES = max(len(t.configs_for(d)) for t in lora_linear.TUNED.values() for d in lora_linear.ACTIVATION_DTYPES)
-DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16"}
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+# Against the reference: the dtypes the interpreter rounds as a GPU does (its fp32 -> bf16 cast
+# truncates, so bf16 errors double there); bf16 still takes part in the bitwise comparison.
+ROUNDED = pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+EVERY_DTYPE = pytest.mark.parametrize("dtype", list(DTYPE_NAMES), ids=list(DTYPE_NAMES.values()))
 # (rows, tokens, in, out, r): three dA / dB row chunks at every tile, odd features, 5 ranks.
 SHAPE = (4, 75, 33, 17, 5)
 
@@ -44,22 +48,23 @@ def _chosen_indices(dtype: torch.dtype) -> dict[str, set[int]]:
     return out
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@ROUNDED
 @pytest.mark.parametrize("pick", [*range(TILES), -1], ids=[*(f"tile{i}" for i in range(TILES)), "last"])
 def test_each_tile_wins_in_turn_and_matches_the_reference(dtype, pick):
-    """The stale-partials regression: before dE left _grad_h, a 64-row winner after a 32-row
-    trial counted the trial's second half of dE's partials again (dE and the IG of E wrong)."""
+    """The stale-partials regression: while _grad_h wrote dE's partials per BLOCK_M, a 64-row
+    winner after a 32-row trial counted the trial's second half again (dE and the IG of E wrong)."""
     case = _case(SHAPE, "partial", dtype)
     with tuning.timed_by(tuning.favouring(pick)):
         for form in _forms():
             _check(case, dtype, **form)
         chosen = _chosen_indices(dtype)
     for kernel, tuned in lora_linear.TUNED.items():
-        n = len(tuned.configs_for(DTYPE_NAMES[dtype]))
-        assert chosen[kernel] == {range(n)[pick % n]}, (kernel, chosen[kernel])
+        if tuned.dtype_arg in lora_linear.ACTIVATION_PTRS:  # not dE's, on fp32 rows whatever the dtype
+            n = len(tuned.configs_for(DTYPE_NAMES[dtype]))
+            assert chosen[kernel] == {range(n)[pick % n]}, (kernel, chosen[kernel])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@EVERY_DTYPE
 def test_results_are_bitwise_the_same_whichever_tile_wins(dtype):
     case = _case(SHAPE, "partial", dtype)
     runs = []
@@ -80,7 +85,7 @@ def test_no_tile_changes_a_reduction():
             configs = tuned.configs_for(dtype)
             if block is not None:
                 assert len({c.kwargs[block] for c in configs}) == 1, (name, dtype)
-            if name in ("_grad_a_kernel", "_grad_b_kernel"):
+            if name in ("_grad_a_kernel", "_grad_b_kernel", "_grad_e_kernel"):
                 assert all(lora_linear._CHUNK_MULTIPLE % c.kwargs["BLOCK_M"] == 0 for c in configs)
 
 
@@ -111,7 +116,8 @@ def test_tuning_keys_bucket_the_rows_and_the_rank():
             _run(lora_linear, _case((2, tokens, 33, 17, r), mask, torch.float32), torch.float32)
             return len(_tunings(timer)) - before
 
-        assert run(40, 20) == len(lora_linear.TUNED)
+        timed = [t for t in lora_linear.TUNED.values() if len(t.configs_for("fp32")) > 1]
+        assert run(40, 20) == len(timed)
         assert run(36, 20) == 0  # 72 rows: the bucket of 80
         assert run(40, 20, "partial") == 0  # 10 active ranks: R_PAD 16, same bucket as 32
         assert run(40, 40) > 0  # R_PAD 64
