@@ -2,69 +2,19 @@
 
 Each case builds its inputs once and returns, per backend, a zero-argument callable that runs
 one iteration (forward + backward where the op has one). Every backend of a case computes the
-same thing from the same inputs; the eager one is ``igu_kernels.reference``, the oracle.
+same thing from the same inputs; the eager one is ``igu_kernels.reference``, the oracle. Cases
+are built lazily, one family and one shape at a time, so a GPU holds one case's tensors.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
+from bench.case import IG_PLAN, SEQUENCES, Case, Linear, Preset, Runner, cpp_runnable, triton_runnable
+from bench.model_cases import minilm_cases, model_cases
 from igu_kernels import reference
-from igu_kernels.dispatch import interpreting
-
-Runner = Callable[[], object]
-
-
-@dataclass
-class Case:
-    op: str
-    shape: dict[str, int]
-    dtype: torch.dtype
-    backends: dict[str, Callable[[], Runner]]  # backend -> builder of the runner
-    bytes_moved: int | None = None  # memory-bound ops: bytes read + written per iteration
-
-    @property
-    def label(self) -> str:
-        return "x".join(f"{k}{v}" for k, v in self.shape.items())
-
-
-@dataclass(frozen=True)
-class Preset:
-    tokens: int  # rows of the low-rank linear (batch x sequence)
-    features: int  # in = out features
-    rank: int
-    dtype: torch.dtype
-    score_elements: int
-    model_hidden: int
-    model_layers: int
-    seq_len: int
-    minilm: bool = False  # time a pretrained MiniLM training step (CPU: cpp vs eager)
-    extra_ranks: tuple[int, ...] = ()  # more ranks for the low-rank linear cases
-
-
-PRESETS = {
-    "cpu": Preset(2048, 1024, 16, torch.float32, 30_000_000, 256, 2, 64, minilm=True),
-    "gpu": Preset(8192, 4096, 64, torch.bfloat16, 30_000_000, 1024, 4, 256, extra_ranks=(8, 16)),
-    "tiny": Preset(64, 65, 4, torch.float32, 4097, 32, 1, 8),  # smoke runs of the harness itself
-}
-
-
-def triton_runnable(device: torch.device) -> bool:
-    """Triton is timed only on a GPU: interpreter timings are not performance."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return device.type == "cuda" or interpreting()
-
-
-def cpp_runnable(device: torch.device) -> bool:
-    from igu_kernels import cpp
-
-    return device.type == "cpu" and cpp.load()
 
 
 def _compile(fn):
@@ -80,43 +30,42 @@ def _backward_runner(forward: Callable[[], torch.Tensor], grad: torch.Tensor, le
     return run
 
 
-def lora_linear_cases(p: Preset, device: torch.device) -> list[Case]:
-    """Per rank: plain LoRA and the batched-IG low-rank linear, each timed next to the frozen base
-    GEMM alone (backend ``base_gemm``), so that ``/ base`` compares runs of one round."""
-    return [case for rank in (p.rank, *p.extra_ranks) for case in _lora_linear_cases(p, rank, device)]
+def lora_linear_cases(p: Preset, device: torch.device) -> Iterator[Case]:
+    """Per linear of the preset: plain LoRA and the batched-IG low-rank linear, each timed next to
+    the frozen base GEMM alone (backend ``base_gemm``), so that ``/ base`` compares runs of one
+    round."""
+    for linear in p.linears:
+        yield from _lora_linear_cases(linear, device)
 
 
-def _lora_linear_cases(p: Preset, rank: int, device: torch.device) -> list[Case]:
+def _lora_linear_cases(lin: Linear, device: torch.device) -> list[Case]:
     """Backends of plain LoRA: what a user would otherwise pick (PEFT-style eager LoRA with
-    factors in the activation dtype, ``torch.compile`` of igulora's eager op, the eager op itself)
-    and igulora's Triton kernels, which compute the base GEMM in the op and add the adapter's
-    output and input gradient into the base's in their epilogues; of the batched-IG op: eager and
-    Triton."""
-    g = torch.Generator(device="cpu").manual_seed(0)
+    factors in the activation dtype, at every rank: PEFT has no rank mask), ``torch.compile`` of
+    igulora's eager op (where ``lin.compile``), the eager op itself, and igulora's Triton kernels,
+    which compute the base GEMM in the op and add the adapter's output and input gradient into
+    the base's in their epilogues; of the batched-IG op: eager and Triton."""
+    g = torch.Generator(device=device).manual_seed(0)
 
     def rand(*shape, dtype=torch.float32, scale=1.0):
-        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+        return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)
 
-    rows, seq = 4, p.tokens // 4
-    x = rand(rows, seq, p.features, dtype=p.dtype).requires_grad_()
-    weight = rand(p.features, p.features, dtype=p.dtype, scale=p.features**-0.5)
-    A = rand(rank, p.features, scale=0.02).requires_grad_()
-    E = rand(rank).requires_grad_()
-    B = rand(p.features, rank, scale=0.02).requires_grad_()
-    A16, B16 = (t.detach().to(p.dtype).requires_grad_() for t in (A, B))  # PEFT: the model's dtype
-    mask = torch.ones(rank, dtype=torch.bool, device=device)
-    row_scale = torch.tensor([1.0, 1.0, 0.125, 0.5], device=device)
-    train_coef = torch.tensor([1.0, 1.0, 0.0, 0.0], device=device)
-    ig_coef = torch.tensor([0.25, 0.25, 0.5, 0.5], device=device)
+    rows, seq = SEQUENCES, lin.tokens // SEQUENCES
+    x = rand(rows, seq, lin.d_in, dtype=lin.dtype).requires_grad_()
+    weight = rand(lin.d_out, lin.d_in, dtype=lin.dtype, scale=lin.d_in**-0.5)
+    A = rand(lin.rank, lin.d_in, scale=0.02).requires_grad_()
+    E = rand(lin.rank).requires_grad_()
+    B = rand(lin.d_out, lin.rank, scale=0.02).requires_grad_()
+    A16, B16 = (t.detach().to(lin.dtype).requires_grad_() for t in (A, B))  # PEFT: the model's dtype
+    mask = lin.mask(device)
+    row_scale, train_coef, ig_coef = (torch.tensor(v, device=device) for v in IG_PLAN)
     buffers = tuple(torch.zeros_like(t) for t in (A, E, B))
-    grad = rand(rows, seq, p.features, dtype=p.dtype)
-    shape = {"tokens": p.tokens, "in": p.features, "out": p.features, "r": rank}
+    grad = rand(rows, seq, lin.d_out, dtype=lin.dtype)
 
     def base():
         return torch.nn.functional.linear(x, weight)
 
     def with_base(delta_fn):
-        return lambda: base() + delta_fn().to(p.dtype)
+        return lambda: base() + delta_fn().to(lin.dtype)
 
     def batched(impl):
         return lambda: impl.batched_ig_lora_delta(
@@ -138,8 +87,9 @@ def _lora_linear_cases(p: Preset, rank: int, device: torch.device) -> list[Case]
         "base_gemm": base_only,
         "peft_eager": runner(with_base(peft_lora), (x, A16, B16)),
         "eager": runner(with_base(plain_lora(reference.lora_delta))),
-        "compile": runner(with_base(plain_lora(_compile(reference.lora_delta)))),
     }
+    if lin.compile:
+        plain["compile"] = runner(with_base(plain_lora(_compile(reference.lora_delta))))
     if triton_runnable(device):
         from igu_kernels import lora_linear
 
@@ -148,10 +98,15 @@ def _lora_linear_cases(p: Preset, rank: int, device: torch.device) -> list[Case]
 
         lora["triton"] = runner(fused(plan=(row_scale, train_coef, ig_coef), ig_buffers=buffers))
         plain["triton"] = runner(fused())
-    return [Case("plain_lora", shape, p.dtype, plain), Case("lora_linear_ig", shape, p.dtype, lora)]
+    return [
+        Case("plain_lora", lin.shape, lin.dtype, plain),
+        Case("lora_linear_ig", lin.shape, lin.dtype, lora),
+    ]
 
 
 def score_cases(p: Preset, device: torch.device) -> list[Case]:
+    """The score update of ``p.score_elements`` elements, next to a copy of as many (the measured
+    bandwidth)."""
     n = p.score_elements
     g = torch.Generator(device="cpu").manual_seed(1)
     ig = torch.randn(n, generator=g).to(device)
@@ -205,8 +160,19 @@ def triplet_cases(p: Preset, device: torch.device) -> list[Case]:
     ]
 
 
-def all_cases(preset: Preset, device: torch.device) -> list[Case]:
-    from bench.model_cases import model_cases
+# Families of cases, the quick ones first: the ops each builds, and the builder.
+FAMILIES: tuple[tuple[tuple[str, ...], Callable[[Preset, torch.device], Iterable[Case]]], ...] = (
+    (("score_update", "copy"), score_cases),
+    (("triplet_scores",), triplet_cases),
+    (("ig_nodes", "igu_step"), model_cases),
+    (("plain_lora", "lora_linear_ig"), lora_linear_cases),
+    (("minilm_step",), minilm_cases),
+)
+OPS = tuple(op for ops, _ in FAMILIES for op in ops)
 
-    cases = lora_linear_cases(preset, device) + score_cases(preset, device) + triplet_cases(preset, device)
-    return cases + model_cases(preset, device)
+
+def all_cases(preset: Preset, device: torch.device, ops: set[str] | None = None) -> Iterator[Case]:
+    """Every case of the preset (or of ``ops`` only), built when the caller gets to it."""
+    for names, build in FAMILIES:
+        if not ops or ops & set(names):
+            yield from (case for case in build(preset, device) if not ops or case.op in ops)

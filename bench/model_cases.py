@@ -1,4 +1,7 @@
-"""Whole-model cases: batched IG nodes vs node-by-node passes, and one IGU training step."""
+"""Whole-model cases: batched IG nodes vs node-by-node passes, and one IGU training step.
+
+Every runner sets ``IGULORA_BACKEND`` itself, so a backend's label names the kernels that ran
+(the default, ``auto``, would run Triton on a GPU under any label)."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ from collections.abc import Iterator
 
 import torch
 
-from bench.cases import Case, Preset, cpp_runnable, triton_runnable
+from bench.case import Case, Preset, cpp_runnable, triton_runnable
 from bench.memory import reset_step
 from igulora import (
     IGULoraConfig,
@@ -56,32 +59,35 @@ def small_llama_igu(p: Preset, device: torch.device, **config):
 
 
 def model_cases(p: Preset, device: torch.device) -> list[Case]:
+    """A small Llama: the training gradient and 8 trapezoid IG nodes batched in one pass against
+    node-by-node passes, per backend; and one whole IGU-LoRA training step."""
     shape = {"hidden": p.model_hidden, "layers": p.model_layers, "seq": p.seq_len, "batch": SEQUENCES}
     igu, batch = small_llama_igu(p, device, ig_rule="trapezoid", ig_steps=NODES, ig_fraction=1.0)
     loss_fn = mean_loss(causal_lm_row_loss)
 
-    def batched(backend: str):
-        def run():
-            with kernel_backend(backend):
-                igu.training_loss(batch, causal_lm_row_loss).backward()
-                reset_step(igu)
-
-        return lambda: run
+    def batched():
+        igu.training_loss(batch, causal_lm_row_loss).backward()
+        reset_step(igu)
 
     def sequential():
         igu.zero_grad()
         loss_fn(igu, batch).backward()
         integrated_gradients(igu, loss_fn, batch, steps=NODES, rule="trapezoid")
 
-    nodes = {"eager_batched": batched("eager"), "eager_sequential": lambda: sequential}
-    step = {"eager": lambda: _training_step(igu, batch, "eager")}
-    if triton_runnable(device) and device.type == "cuda":
-        nodes["triton_batched"] = batched("triton")
-        step["triton"] = lambda: _training_step(igu, batch, "triton")
+    def on(backend: str, body):
+        def run():
+            with kernel_backend(backend):
+                body()
+
+        return lambda: run
+
+    backends = ["eager", *(["triton"] if triton_runnable(device) and device.type == "cuda" else [])]
+    forms = {"batched": batched, "sequential": sequential}
+    nodes = {f"{b}_{form}": on(b, body) for b in backends for form, body in forms.items()}
+    step = {b: (lambda b=b: _training_step(igu, batch, b)) for b in backends}
     return [
         Case("ig_nodes", {**shape, "nodes": NODES}, p.dtype, nodes),
         Case("igu_step", shape, p.dtype, step),
-        *minilm_cases(p, device),
     ]
 
 

@@ -1,7 +1,7 @@
 """pytest-benchmark view of the same cases: ``pytest bench/ --benchmark-only``.
 
 Cases are grouped per op, so kernel and eager of one op sit side by side. The preset follows
-the device (``IGULORA_BENCH_PRESET`` overrides it: cpu, gpu or tiny).
+the device (``IGULORA_BENCH_PRESET`` overrides it: cpu, p1, gpu or tiny).
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import os
 import pytest
 import torch
 
-from bench.cases import PRESETS, all_cases
+from bench.case import PRESETS
+from bench.cases import all_cases
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 PRESET = PRESETS[os.environ.get("IGULORA_BENCH_PRESET", "gpu" if DEVICE.type == "cuda" else "cpu")]
