@@ -17,12 +17,15 @@ Each check makes one configuration of every kernel win its tuning (``tuning.favo
 The ``full`` matrix checks each (dtype, form, rank, tile) once, the shapes (8k and 32k tokens,
 4096 and 14336 features both ways) dealt round-robin over them; ``p1`` checks P1 at bf16 in both
 forms and every tile. The JSON file is rewritten after every check (a time limit keeps what ran);
-the exit status is 1 if a check failed.
+the exit status is 1 if a check failed. Checks of one case (shape, rank, dtype, form) under
+different tiles must agree bitwise (no tile changes a sum, docs/kernels.md): the kernel outputs'
+SHA-256 is recorded per check and compared per case (``tile_invariant``).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 import time
 from dataclasses import dataclass
@@ -155,6 +158,23 @@ def three_way(kernel: torch.Tensor, eager: torch.Tensor, exact: torch.Tensor, fl
     return {"kernel_err": kernel_err, "eager_err": eager_err, "atol": atol, "ratio": ratio, "ok": ratio <= 1}
 
 
+def digest(outputs: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the outputs' bytes: equal digests, bitwise equal outputs."""
+    sha = hashlib.sha256()
+    for name in sorted(outputs):
+        sha.update(outputs[name].detach().contiguous().view(torch.uint8).cpu().numpy().tobytes())
+    return sha.hexdigest()
+
+
+def tile_invariance(records: list[dict]) -> dict[str, bool]:
+    """Per case checked under more than one tile: whether every tile gave the same bytes."""
+    by_case: dict[str, list[str]] = {}
+    for r in records:
+        if "digest" in r:
+            by_case.setdefault(r["label"].rsplit(" tile", 1)[0], []).append(r["digest"])
+    return {case: len(set(d)) == 1 for case, d in by_case.items() if len(d) > 1}
+
+
 def run_check(check: Check, device: torch.device) -> dict:
     inputs = _inputs(check, device)
     with tuning.timed_by(tuning.favouring(check.tile)):
@@ -168,7 +188,13 @@ def run_check(check: Check, device: torch.device) -> dict:
     floor = torch.finfo(check.linear.dtype).eps / 4
     outputs = {k: three_way(kernel[k], eager[k], exact[k], floor) for k in exact}
     worst = max(o["ratio"] for o in outputs.values())
-    return {"ok": worst <= 1, "worst_ratio": worst, "outputs": outputs, "configs": forced}
+    return {
+        "ok": worst <= 1,
+        "worst_ratio": worst,
+        "outputs": outputs,
+        "configs": forced,
+        "digest": digest(kernel),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,7 +225,11 @@ def main(argv: list[str] | None = None) -> int:
         record = {"label": check.label, **lin.shape, **form, **result}
         record["seconds"] = round(time.perf_counter() - start, 2)
         data["checks"].append(record)
+        data["tile_invariant"] = tile_invariance(data["checks"])
         data["failed"] = [c["label"] for c in data["checks"] if not c["ok"]]
+        data["failed"] += [
+            f"{case}: tiles differ" for case, same in data["tile_invariant"].items() if not same
+        ]
         write_json(args.json, data)
         status = "ok" if result["ok"] else f"FAILED {result.get('error', '')}"
         worst = f"worst kernel error / bound {result['worst_ratio']:.2f}" if "worst_ratio" in result else ""

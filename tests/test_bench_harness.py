@@ -221,6 +221,18 @@ def test_the_three_way_rule_fails_a_wrong_kernel():
     )
 
 
+def test_the_gpu_check_compares_a_case_across_tiles_bitwise(tmp_path):
+    """P1's checks (one case, every tile) in the interpreter: one digest per case, and a tile
+    that changed a byte would be reported as a failure."""
+    out = tmp_path / "p1.json"
+    assert gpu_correctness.main(["--matrix", "p1", "--tiny", "--device", "cpu", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["tile_invariant"] and all(data["tile_invariant"].values())
+    records = [dict(r) for r in data["checks"]]
+    records[1]["digest"] = "0" * 64
+    assert not all(gpu_correctness.tile_invariance(records).values())
+
+
 def test_a_failing_check_is_recorded_and_the_next_one_runs(tmp_path, monkeypatch):
     def out_of_memory(check, device):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.75 GiB")
