@@ -11,6 +11,7 @@ import igu_kernels
 from igulora.compaction import scatter_ranks, take_ranks
 from igulora.config import IGULoraConfig
 from igulora.distributed import all_reduce_mean, full_tensor
+from igulora.host import all_finite, read_back, read_back_each, to_host
 from igulora.ig import ADAPTER_PARAMS, adapter_layers
 from igulora.layer import IGULoraLinear
 
@@ -93,7 +94,7 @@ class RankAllocator:
             all_reduce_mean(list(importance.values()))
             if loss_scale != 1.0:  # .grad was unscaled by the scaler already (the gradient rule)
                 importance = {name: value / loss_scale for name, value in importance.items()}
-        if not all(bool(torch.isfinite(v).all()) for v in importance.values()):
+        if not all_finite(importance.values()):
             self.skipped_updates += 1
             warnings.warn(
                 f"RankAllocator: non-finite importance, score update skipped "
@@ -135,17 +136,17 @@ class RankAllocator:
 
     def layer_scores(self) -> dict[str, float]:
         """Sum of each layer's kept triplet scores (a layer-level view, for reports and plots)."""
-        return {
-            name: float((scores * self.layers[name].rank_mask).sum())
-            for name, scores in self.triplet_scores().items()
-        }
+        scores = self.triplet_scores()
+        sums = read_back((s * self.layers[name].rank_mask).sum() for name, s in scores.items())
+        return dict(zip(scores, sums))
 
     # -- allocation -------------------------------------------------------------------------
 
     @property
     def rank_pattern(self) -> dict[str, list[bool]]:
         """Kept triplets of every layer in the ``init_r`` layout (compaction does not show)."""
-        return {name: layer.full_rank_mask().tolist() for name, layer in self.layers.items()}
+        masks = read_back_each(layer.full_rank_mask() for layer in self.layers.values())
+        return dict(zip(self.layers, masks))
 
     @torch.no_grad()
     def mask_to_budget(self, budget: int) -> dict[str, list[bool]]:
@@ -161,10 +162,10 @@ class RankAllocator:
         if not scores:
             raise RuntimeError("RankAllocator.mask_to_budget: no scores yet; call update_scores first")
         names = list(self.layers)
-        flat = torch.cat([scores[n].float().cpu() for n in names])
+        flat = to_host(scores[n].float() for n in names)
         costs = torch.cat([torch.full((self.layers[n].r,), self.triplet_cost(self.layers[n])) for n in names])
+        active = to_host(self.layers[n].rank_mask for n in names)
         if self.config.prune_mode == "mask":
-            active = torch.cat([self.layers[n].rank_mask.cpu() for n in names])
             flat, costs = flat[active], costs[active]
         order = torch.sort(flat, descending=True, stable=True).indices
         n_keep = int((costs[order].cumsum(0) <= budget).sum())
@@ -172,11 +173,23 @@ class RankAllocator:
         keep[order[:n_keep]] = True
         if self.config.prune_mode == "mask":
             keep = torch.zeros_like(active).masked_scatter_(active, keep)
-        for name, mask in zip(names, keep.split([self.layers[n].r for n in names])):
-            self.layers[name].rank_mask.copy_(mask)
+        self._set_masks(active, keep)
         self._apply_zero_mode()
         self.budget = budget
         return self.rank_pattern
+
+    def _set_masks(self, old: torch.Tensor, new: torch.Tensor) -> None:
+        """Give each layer its part of the flat host mask ``new`` where it differs from ``old``,
+        in one host-to-device copy: an unchanged mask keeps its version counter, and with it the
+        Triton kernels' cached gather of the active ranks."""
+        layers = list(self.layers.values())
+        sizes = [layer.r for layer in layers]
+        pairs = zip(read_back_each(old.split(sizes)), read_back_each(new.split(sizes)))
+        changed = [i for i, (before, after) in enumerate(pairs) if before != after]
+        if changed:
+            masks = new.to(layers[0].rank_mask.device).split(sizes)
+            for i in changed:
+                layers[i].rank_mask.copy_(masks[i])
 
     @torch.no_grad()
     def _apply_zero_mode(self) -> None:

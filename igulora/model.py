@@ -14,6 +14,7 @@ from igulora.allocator import RankAllocator
 from igulora.compaction import rebuild_ddp, unknown_optimizer
 from igulora.config import IGULoraConfig
 from igulora.distributed import all_reduce_mean, full_tensor, is_main_process
+from igulora.host import all_finite, read_back, read_back_each
 from igulora.ig import (
     ADAPTER_PARAMS,
     Batch,
@@ -190,7 +191,8 @@ class IGUModel(nn.Module):
 
     @property
     def active_ranks(self) -> dict[str, int]:
-        return {name: layer.active_rank for name, layer in self.adapters.items()}
+        ranks = read_back(layer.rank_mask.sum() for layer in self.adapters.values())
+        return dict(zip(self.adapters, ranks))
 
     def orthogonality_loss(self) -> torch.Tensor:
         """``mean over adapters of ||A A^T - I||_F + ||B^T B - I||_F`` (method.md, section 1); of
@@ -259,9 +261,9 @@ class IGUModel(nn.Module):
 
     def finite_step(self, loss: torch.Tensor) -> bool:
         """Whether ``loss`` and every trainable gradient are finite. When not, skip the optimizer
-        step (the allocator skips the matching score update by itself)."""
+        step (the allocator skips the matching score update by itself). One read back in all."""
         grads = [p.grad for p in self.parameters() if p.requires_grad and p.grad is not None]
-        return bool(torch.isfinite(loss).all()) and all(bool(torch.isfinite(g).all()) for g in grads)
+        return all_finite([loss, *grads])
 
     def update_and_allocate(
         self,
@@ -306,7 +308,7 @@ class IGUModel(nn.Module):
         totals = [buf.sum(dtype=torch.float64) for layer in layers for buf in layer.ig_buffers]
         check = torch.stack([torch.stack(totals).sum() / loss_scale, torch.stack(gaps).double().mean()])
         all_reduce_mean([check])  # every rank decides on the same numbers
-        self.last_check = Completeness(step, self.ig_nodes, float(check[0]), float(check[1]))
+        self.last_check = Completeness(step, self.ig_nodes, *check.tolist())
         if self.config.ig_steps == "auto":
             self.node_budget.observe(self.last_check)
 
@@ -347,16 +349,28 @@ class IGUModel(nn.Module):
                 )
             self._compaction_off = why
             return
-        changed = False
-        for name, layer in self.adapters.items():
-            if bool(layer.rank_mask.all()):
-                continue
-            keep = layer.rank_mask.nonzero().flatten()
+        keeps = self._kept_ranks()
+        for name, keep in keeps.items():
+            keep = keep.to(self.adapters[name].rank_mask.device)
             self.allocator.take_ranks(name, keep)
-            layer.compact_(keep, optimizer)
-            changed = True
-        if changed and self._ddp is not None:
+            self.adapters[name].compact_(keep, optimizer)
+        if keeps and self._ddp is not None:
             rebuild_ddp(self._ddp)
+
+    def _kept_ranks(self) -> dict[str, torch.Tensor]:
+        """The physical ranks to keep of every adapter with pruned ranks, read from the masks in
+        one device-to-host copy and sent back in one host-to-device copy."""
+        masks = read_back_each(layer.rank_mask for layer in self.adapters.values())
+        keeps = {
+            name: [i for i, kept in enumerate(mask) if kept]
+            for name, mask in zip(self.adapters, masks)
+            if not all(mask)
+        }
+        if not keeps:
+            return {}
+        device = next(iter(self.adapters.values())).rank_mask.device
+        index = torch.tensor([i for keep in keeps.values() for i in keep], dtype=torch.long, device=device)
+        return dict(zip(keeps, index.split([len(keep) for keep in keeps.values()])))
 
     @torch.no_grad()
     def merge_and_unload(self) -> nn.Module:

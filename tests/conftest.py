@@ -16,7 +16,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def tiny_llama(dtype=torch.float32, seed=0):
+def tiny_llama(dtype=torch.float32, seed=0, layers=2):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -24,7 +24,7 @@ def tiny_llama(dtype=torch.float32, seed=0):
         vocab_size=61,
         hidden_size=24,
         intermediate_size=37,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=32,
