@@ -9,9 +9,10 @@ base layer's output:
               training coefficients -> returned gradients (.grad),
               IG coefficients (w / alpha) -> theta * grad added to the IG buffers.
 
-Masked ranks cost no work: the launcher gathers the active ranks into dense, zero-padded fp32
-operands ``Ac`` (R_PAD x K), ``Ec`` (R_PAD), ``Bc`` (N x R_PAD), with R_PAD the active rank
-rounded up to a power of two >= 16 (``tl.dot``'s minimum), and scatters the results back.
+The launcher copies the factors into dense, zero-padded fp32 operands ``Ac`` (R_PAD x K),
+``Ec = E * m`` (R_PAD), ``Bc`` (N x R_PAD), R_PAD the rank rounded up to a power of two >= 16
+(``tl.dot``'s minimum), once per change of a factor or the mask; masked ranks stay in place with
+``Ec = 0`` (no host sync to find the active ones: see ``_Compact``).
 Rows are the flattened tokens (M = batch x tokens); row vectors are per sequence, and token m
 reads entry ``m // per_row``.
 
@@ -509,53 +510,52 @@ def _rank_pad(r: int) -> int:
 
 
 class _Compact:
-    """Active ranks of one adapter gathered into dense, zero-padded fp32 operands.
+    """One adapter's factors as dense, zero-padded fp32 operands: ``A`` (R_PAD x K), ``E`` (R_PAD,
+    the mask applied: E * m) and ``B`` (N x R_PAD), with R_PAD the rank rounded up to a power of
+    two >= 16 (tl.dot's minimum).
 
-    The active-rank index (a host sync: ``nonzero``) and ``r_pad`` depend on the mask alone and
-    are found again only when the mask changes; the operands are gathered again when a factor
-    changes (an optimizer step). Both are cached per adapter (on its ``A``) and compared by the
-    tensors' identity, storage and version counter, so a forward, its checkpoint recompute and
-    every micro-batch of an accumulation window share one gather.
+    Masked ranks stay in place with E = 0, which zeroes their share of y, dA, dB and the IG of A
+    and B; their dE is masked after the reduction. Gathering the active ranks instead would read
+    the mask back (a host sync per adapter at every mask change), and saves little: R_PAD is at
+    least 16 anyway, the kernels are memory-bound (the M x R_PAD row factors are a few percent of
+    their traffic, docs/kernels.md), and compaction removes pruned ranks for good.
+
+    Built once per change: cached per adapter (by its A) and compared by the identity, storage
+    and version counter of A, E, B and the mask, so a forward, its checkpoint recompute and every
+    micro-batch of an accumulation window share one copy; an optimizer step or a new mask makes a
+    new one (in new tensors: a pending backward keeps the copy its forward used). Writes through
+    ``.data`` bypass the version counter, as they bypass autograd's checks.
     """
 
-    def __init__(self, A: Tensor, E: Tensor, B: Tensor, mask: Tensor | None, previous: _Compact | None):
-        self.held = (mask, E, B)  # alive while cached: their ids stay theirs
-        self.mask_state = _state(mask)
-        self.factor_state = tuple(_state(t) for t in (A, E, B))
-        if previous is not None and previous.mask_state == self.mask_state:
-            self.index, self.r, self.r_pad = previous.index, previous.r, previous.r_pad
-        else:
-            every = torch.arange(A.shape[0], device=A.device)
-            self.index = every if mask is None else mask.nonzero().flatten()
-            self.r = self.index.numel()
-            self.r_pad = _rank_pad(self.r)
+    def __init__(self, A: Tensor, E: Tensor, B: Tensor, mask: Tensor | None) -> None:
+        self.state = _states(A, E, B, mask)
+        self.held = (E, B, mask)  # alive while cached: their ids stay theirs
+        self.r = A.shape[0]
+        self.r_pad = _rank_pad(self.r)
         f32 = {"device": A.device, "dtype": torch.float32}
+        self.mask = None if mask is None else mask.to(torch.float32)
         self.A = torch.zeros(self.r_pad, A.shape[1], **f32)
         self.E = torch.zeros(self.r_pad, **f32)
         self.B = torch.zeros(B.shape[0], self.r_pad, **f32)
-        self.A[: self.r] = A.detach().index_select(0, self.index)
-        self.E[: self.r] = E.detach().index_select(0, self.index)
-        self.B[:, : self.r] = B.detach().index_select(1, self.index)
+        self.A[: self.r] = A.detach()
+        self.E[: self.r] = E.detach() if mask is None else E.detach() * self.mask
+        self.B[:, : self.r] = B.detach()
 
     @classmethod
     def of(cls, A: Tensor, E: Tensor, B: Tensor, mask: Tensor | None) -> _Compact:
         """The cached operands of this adapter, rebuilt (in new tensors) if anything changed."""
         cached = _COMPACT.get(id(A))
-        if cached is not None and cached.mask_state == _state(mask):
-            if cached.factor_state == tuple(_state(t) for t in (A, E, B)):
-                return cached
-        fresh = cls(A, E, B, mask, cached)
+        if cached is not None and cached.state == _states(A, E, B, mask):
+            return cached
         if cached is None:
             weakref.finalize(A, _COMPACT.pop, id(A), None)
-        _COMPACT[id(A)] = fresh
+        _COMPACT[id(A)] = fresh = cls(A, E, B, mask)
         return fresh
 
 
-def _state(t: Tensor | None) -> tuple | None:
-    """What identifies a tensor's current values without reading them."""
-    if t is None:
-        return None
-    return id(t), t.data_ptr(), t._version, tuple(t.shape)
+def _states(*tensors: Tensor | None) -> tuple:
+    """What identifies the tensors' current values without reading them."""
+    return tuple(None if t is None else (id(t), t.data_ptr(), t._version, tuple(t.shape)) for t in tensors)
 
 
 _COMPACT: dict[int, _Compact] = {}  # by id(A), dropped when A is freed
@@ -634,15 +634,15 @@ class TritonLoraLinearFunction(torch.autograd.Function):
             ic = ctx.ig_coef if has_ig else tc
             with device_guard(u2.device):
                 da, de, db = _backward_kernels(ctx, u2, gy2, h, c, tc, ic, du, weight is not None)
-            idx, r = compact.index, compact.r
-            dA[idx] = da[0, :r].to(dA.dtype)
-            dE[idx] = de[0, :r].to(dE.dtype)
-            dB[:, idx] = db[0, :, :r].to(dB.dtype)
-            if has_ig:
+            r = compact.r
+            dA.copy_(da[0, :r])
+            dE.copy_(de[0, :r] if compact.mask is None else de[0, :r] * compact.mask)
+            dB.copy_(db[0, :, :r])
+            if has_ig:  # compact.E is masked: so is the IG of E
                 buf_a, buf_e, buf_b = ctx.ig_buffers
-                buf_a[idx] += (compact.A[:r] * da[1, :r]).to(buf_a.dtype)
-                buf_e[idx] += (compact.E[:r] * de[1, :r]).to(buf_e.dtype)
-                buf_b[:, idx] += (compact.B[:, :r] * db[1, :, :r]).to(buf_b.dtype)
+                buf_a += (compact.A[:r] * da[1, :r]).to(buf_a.dtype)
+                buf_e += (compact.E[:r] * de[1, :r]).to(buf_e.dtype)
+                buf_b += (compact.B[:, :r] * db[1, :, :r]).to(buf_b.dtype)
         du = None if du is None else du.reshape(ctx.in_shape)
         return du, d_base, d_weight, d_bias, dA, dE, dB, None, None, None, None, None, None
 
