@@ -1,6 +1,6 @@
-"""What a benchmark case is, and the presets that size them (``bench/cases.py`` and
-``bench/model_cases.py`` build the cases; both import this module and nothing else of bench's
-cases, so the dependency runs one way)."""
+"""What a benchmark case is, and the presets that size them. ``bench/model_cases.py`` builds its
+cases from this module alone; ``bench/cases.py`` builds the others and gathers all of them
+(``all_cases``), so the imports run one way."""
 
 from __future__ import annotations
 

@@ -14,8 +14,8 @@ the base GEMM and adds du into its dx), half the ranks masked (or none, so that 
 reached), on a batched IG plan (2 training rows and 2 IG nodes) or as a plain training step.
 Each check makes one configuration of every kernel win its tuning (``tuning.favouring``).
 
-The ``full`` matrix checks each (dtype, form, rank, tile) once, the shapes (8k and 32k tokens,
-4096 and 14336 features both ways) dealt round-robin over them; ``p1`` checks P1 at bf16 in both
+The ``full`` matrix checks each (dtype, form, rank) case under every tile, the shapes (8k and 32k
+tokens, 4096 and 14336 features both ways) dealt round-robin over the cases; ``p1`` checks P1 at bf16 in both
 forms and every tile. The JSON file is rewritten after every check (a time limit keeps what ran);
 the exit status is 1 if a check failed. Checks of one case (shape, rank, dtype, form) under
 different tiles must agree bitwise (no tile changes a sum, docs/kernels.md): the kernel outputs'
@@ -83,13 +83,11 @@ def matrix(name: str, tiny: bool) -> list[Check]:
         ranks, dtypes = RANKS, (BF16, FP16)
     if tiny:
         dtypes = (FP16,)
+    cases = [(dtype, ig, rank, masked) for dtype in dtypes for ig in (True, False) for rank, masked in ranks]
     checks: list[Check] = []
-    for dtype in dtypes:
-        for ig in (True, False):
-            for rank, masked in ranks:
-                for tile in range(tiles(dtype)):
-                    shape = shapes[len(checks) % len(shapes)]
-                    checks.append(Check(Linear(*shape, rank, dtype, masked), ig, tile))
+    for i, (dtype, ig, rank, masked) in enumerate(cases):
+        linear = Linear(*shapes[i % len(shapes)], rank, dtype, masked)  # every tile of a case: one shape
+        checks.extend(Check(linear, ig, tile) for tile in range(tiles(dtype)))
     return checks
 
 

@@ -3,7 +3,7 @@
     python -m igu_kernels.audit --arch sm_90a --arch sm_80 --json PATH
 
 For each ``@triton.jit`` kernel (a jitted function named ``*_kernel``; the others are device
-helpers), each dtype it accepts and each launch configuration its launcher or autotuner can pick
+helpers), each dtype it accepts and each launch configuration its launcher or tuner can pick
 on a GPU (the module's ``ACTIVATION_DTYPES``, ``GPU_CONSTEXPRS``, and ``TUNED`` configurations
 or else ``GPU_LAUNCH``), ``triton.compile(ASTSource(...), target=GPUTarget(...))`` gives the cubin, and
 the triton wheel's ``cuobjdump`` reads registers, shared memory and the SASS. One record per
@@ -55,7 +55,7 @@ def _options(module: ModuleType, fn, name: str, dtype: str) -> tuple:
 
 def launch_space(module: ModuleType, fn) -> list[tuple[str, dict, dict, dict]]:
     """(dtype, signature, constexprs, launch options) for every compile of ``fn`` the launcher
-    or the autotuner can ask for."""
+    or the tuner can ask for."""
     names = fn.arg_names
     constexpr_names = [names[i] for i in fn.constexprs]
     tuned = getattr(module, "TUNED", {}).get(fn.fn.__name__)
@@ -158,8 +158,8 @@ def audit(archs: list[str], workers: int | None = None) -> list[dict]:
 
 def launched() -> list[dict]:
     """What this process compiled and ran on its GPU: per kernel binary, the driver's register
-    and spill counts (the device's word next to the cubin audit), and per autotuned kernel the
-    configuration the autotuner chose for each key. Empty on a CPU."""
+    and spill counts (the device's word next to the cubin audit), and per tuned kernel the
+    configuration the tuner chose for each key. Empty on a CPU."""
     import importlib
 
     out = []

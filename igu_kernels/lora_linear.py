@@ -11,8 +11,8 @@ base layer's output:
 
 The launcher copies the factors into dense, zero-padded fp32 operands ``Ac`` (R_PAD x K),
 ``Ec = E * m`` (R_PAD), ``Bc`` (N x R_PAD), R_PAD the rank rounded up to a power of two >= 16
-(``tl.dot``'s minimum), once per change of a factor or the mask; masked ranks stay in place with
-``Ec = 0`` (no host sync to find the active ones: see ``_Compact``).
+(``tl.dot``'s minimum), at every forward; masked ranks stay in place with
+``Ec = 0`` (no host sync to find the active ones: see ``_Operands``).
 Rows are the flattened tokens (M = batch x tokens); row vectors are per sequence, and token m
 reads entry ``m // per_row``.
 
@@ -28,7 +28,6 @@ below), and row offsets are int64 (``_rows``): LLM batches pass 2^31 elements.
 from __future__ import annotations
 
 import functools
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -217,10 +216,10 @@ def _dx_kernel(
 
 
 @triton.jit
-def _chunk(M, chunk_rows):
-    """Rows [start, end) of this program's chunk (grid dim 1). ``chunk_rows`` comes from the
+def _chunk(M, chunk_rows, AXIS: tl.constexpr):
+    """Rows [start, end) of this program's chunk (grid dim AXIS). ``chunk_rows`` comes from the
     launcher, a multiple of every BLOCK_M: chunk boundaries do not depend on the tile."""
-    start = tl.program_id(1) * chunk_rows
+    start = tl.program_id(AXIS) * chunk_rows
     return start, tl.minimum(start + chunk_rows, M)
 
 
@@ -253,7 +252,7 @@ def _grad_a_kernel(
     rk = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     rj = tl.arange(0, R_PAD)
     e = tl.load(e_ptr + rj)
-    start, end = _chunk(M, chunk_rows)
+    start, end = _chunk(M, chunk_rows, 1)
     acc_t = tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32)
     acc_ig = tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32)
     for m0 in range(start, end, BLOCK_M):
@@ -298,8 +297,7 @@ def _grad_e_kernel(
     grid: (chunks,)   block: [BLOCK_M, R_PAD], loop over the chunk's rows (untuned: one block).
     """
     rj = tl.arange(0, R_PAD)
-    start = tl.program_id(0) * chunk_rows
-    end = tl.minimum(start + chunk_rows, M)
+    start, end = _chunk(M, chunk_rows, 0)
     de_t = tl.zeros((R_PAD,), dtype=tl.float32)
     de_ig = tl.zeros((R_PAD,), dtype=tl.float32)
     for m0 in range(start, end, BLOCK_M):
@@ -348,7 +346,7 @@ def _grad_b_kernel(
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rj = tl.arange(0, R_PAD)
     e = tl.load(e_ptr + rj)
-    start, end = _chunk(M, chunk_rows)
+    start, end = _chunk(M, chunk_rows, 1)
     acc_t = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
     acc_ig = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
     for m0 in range(start, end, BLOCK_M):
@@ -509,10 +507,10 @@ def _rank_pad(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
-class _Compact:
-    """One adapter's factors as dense, zero-padded fp32 operands: ``A`` (R_PAD x K), ``E`` (R_PAD,
-    the mask applied: E * m) and ``B`` (N x R_PAD), with R_PAD the rank rounded up to a power of
-    two >= 16 (tl.dot's minimum).
+class _Operands:
+    """One adapter's factors as the kernels take them: fp32, contiguous, the rank padded with
+    zeros to R_PAD (a power of two >= 16, tl.dot's minimum): ``A`` (R_PAD x K), ``E`` (R_PAD, the
+    mask applied: E * m) and ``B`` (N x R_PAD).
 
     Masked ranks stay in place with E = 0, which zeroes their share of y, dA, dB and the IG of A
     and B; their dE is masked after the reduction. Gathering the active ranks instead would read
@@ -520,45 +518,25 @@ class _Compact:
     least 16 anyway, the kernels are memory-bound (the M x R_PAD row factors are a few percent of
     their traffic, docs/kernels.md), and compaction removes pruned ranks for good.
 
-    Built once per change: cached per adapter (by its A) and compared by the identity, storage
-    and version counter of A, E, B and the mask, so a forward, its checkpoint recompute and every
-    micro-batch of an accumulation window share one copy; an optimizer step or a new mask makes a
-    new one (in new tensors: a pending backward keeps the copy its forward used). Writes through
-    ``.data`` bypass the version counter, as they bypass autograd's checks.
+    Built at every forward in a few small ops (a pad per factor below R_PAD, none for fp32
+    factors at R_PAD, and E * m): a cache keyed by the tensors' version counters would go stale,
+    since fused AdamW and FSDP2's all-gather write the factors without bumping them.
     """
 
     def __init__(self, A: Tensor, E: Tensor, B: Tensor, mask: Tensor | None) -> None:
-        self.state = _states(A, E, B, mask)
-        self.held = (E, B, mask)  # alive while cached: their ids stay theirs
         self.r = A.shape[0]
         self.r_pad = _rank_pad(self.r)
-        f32 = {"device": A.device, "dtype": torch.float32}
+        pad = self.r_pad - self.r
         self.mask = None if mask is None else mask.to(torch.float32)
-        self.A = torch.zeros(self.r_pad, A.shape[1], **f32)
-        self.E = torch.zeros(self.r_pad, **f32)
-        self.B = torch.zeros(B.shape[0], self.r_pad, **f32)
-        self.A[: self.r] = A.detach()
-        self.E[: self.r] = E.detach() if mask is None else E.detach() * self.mask
-        self.B[:, : self.r] = B.detach()
-
-    @classmethod
-    def of(cls, A: Tensor, E: Tensor, B: Tensor, mask: Tensor | None) -> _Compact:
-        """The cached operands of this adapter, rebuilt (in new tensors) if anything changed."""
-        cached = _COMPACT.get(id(A))
-        if cached is not None and cached.state == _states(A, E, B, mask):
-            return cached
-        if cached is None:
-            weakref.finalize(A, _COMPACT.pop, id(A), None)
-        _COMPACT[id(A)] = fresh = cls(A, E, B, mask)
-        return fresh
+        self.A = _padded(A, (0, 0, 0, pad))
+        self.E = _padded(E if mask is None else E.detach() * self.mask, (0, pad))
+        self.B = _padded(B, (0, pad))
 
 
-def _states(*tensors: Tensor | None) -> tuple:
-    """What identifies the tensors' current values without reading them."""
-    return tuple(None if t is None else (id(t), t.data_ptr(), t._version, tuple(t.shape)) for t in tensors)
-
-
-_COMPACT: dict[int, _Compact] = {}  # by id(A), dropped when A is freed
+def _padded(t: Tensor, pad: tuple[int, ...]) -> Tensor:
+    """``t`` detached in fp32, contiguous, zero-padded by ``pad`` (itself when nothing changes)."""
+    t = t.detach().float()
+    return (F.pad(t, pad) if any(pad) else t).contiguous()
 
 
 def _rows_of(t: Tensor, features: int) -> Tensor:
@@ -589,7 +567,7 @@ class TritonLoraLinearFunction(torch.autograd.Function):
             base = F.linear(u2, weight, bias)
         base2 = None if base is None else _rows_of(base, N)
         y = torch.empty(M, N, device=u.device, dtype=u.dtype)
-        compact = _Compact.of(A, E, B, mask)
+        compact = _Operands(A, E, B, mask)
         h = torch.empty(M, compact.r_pad, device=u.device, dtype=torch.float32)
         c = row_scale.to(torch.float32).contiguous()
         precision = _precision(u.dtype)

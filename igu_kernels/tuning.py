@@ -62,7 +62,7 @@ Timer = Callable[[Callable[[], None], Trial], float]  # (run one launch, trial) 
 
 def device_timer(run: Callable[[], None], trial: Trial) -> float:
     """Median milliseconds of ``run`` on the GPU."""
-    return triton.testing.do_bench(run, warmup=5, rep=25)
+    return triton.testing.do_bench(run, warmup=5, rep=25, return_mode="median")
 
 
 def favouring(pick: int) -> Timer:
@@ -71,28 +71,31 @@ def favouring(pick: int) -> Timer:
 
     def timer(run: Callable[[], None], trial: Trial) -> float:
         run()
-        return 0.0 if trial.index == range(len(trial.configs))[pick % len(trial.configs)] else 1.0
+        return 0.0 if trial.index == pick % len(trial.configs) else 1.0
 
     return timer
 
 
 _timer: Timer | None = None  # None: device_timer on a GPU, the fixed configuration in the interpreter
+_tuning_file = True  # whether IGULORA_TUNING_FILE is read and written
 REGISTRY: list[Tuned] = []
 
 
 @contextlib.contextmanager
-def timed_by(timer: Timer) -> Iterator[None]:
+def timed_by(timer: Timer, tuning_file: bool = False) -> Iterator[None]:
     """Tune with ``timer`` (also in the interpreter), from empty caches; the previous timer and
-    choices come back on exit."""
-    global _timer
+    choices come back on exit. IGULORA_TUNING_FILE is left alone unless ``tuning_file``: a fake
+    timer's picks must neither come from it nor go into it."""
+    global _timer, _tuning_file
     saved = [(tuned, dict(tuned.cache)) for tuned in REGISTRY]
-    previous, _timer = _timer, timer
+    previous = _timer, _tuning_file
+    _timer, _tuning_file = timer, tuning_file
     for tuned in REGISTRY:
         tuned.cache.clear()
     try:
         yield
     finally:
-        _timer = previous
+        _timer, _tuning_file = previous
         for tuned, cache in saved:
             tuned.cache.clear()
             tuned.cache.update(cache)
@@ -170,14 +173,14 @@ class Tuned:
         )
 
     def _pinned(self, key: tuple) -> triton.Config | None:
-        """The choice for ``key`` in IGULORA_TUNING_FILE, if any."""
-        record = read_tuning_file().get(self.name, {}).get(repr(key))
-        if record is None:
-            return None
-        config = triton.Config(
-            record["kwargs"], num_warps=record["num_warps"], num_stages=record["num_stages"]
-        )
-        self.cache[key] = config
+        """The choice for ``key`` in IGULORA_TUNING_FILE, if it is one of this dtype's configs
+        (a file from an older tile list is ignored: an unaudited tile never launches)."""
+        return self._allowed(key, read_tuning_file().get(self.name, {}).get(repr(key)))
+
+    def _allowed(self, key: tuple, record: dict | None) -> triton.Config | None:
+        config = next((c for c in self.configs[key[0]] if config_record(c) == record), None)
+        if config is not None:
+            self.cache[key] = config
         return config
 
     def _tune(self, grid, args, constexprs, named, key) -> triton.Config:
@@ -199,33 +202,43 @@ class Tuned:
                     times.append(float("inf"))
             configs = (configs[min(range(len(times)), key=times.__getitem__)],)  # first of equals
         self.cache[key] = configs[0]
-        record_choice(self.name, key, configs[0])
-        return configs[0]
+        # Another process may have recorded this key while we timed it: launch its tile.
+        allowed = [config_record(c) for c in self.configs[key[0]]]
+        return self._allowed(key, record_choice(self.name, key, configs[0], allowed)) or configs[0]
+
+
+def _tuning_path() -> Path | None:
+    path = os.environ.get(TUNING_FILE_ENV)
+    return Path(path) if path and _tuning_file else None
 
 
 def read_tuning_file() -> dict:
-    path = os.environ.get(TUNING_FILE_ENV)
-    if not path or not Path(path).is_file():
+    path = _tuning_path()
+    if path is None or not path.is_file():
         return {}
-    return json.loads(Path(path).read_text() or "{}")
+    return json.loads(path.read_text() or "{}")
 
 
-def record_choice(kernel: str, key: tuple, config: triton.Config) -> None:
-    """Add one choice to IGULORA_TUNING_FILE (under a lock, written atomically), keeping what
-    another process recorded first."""
-    path = os.environ.get(TUNING_FILE_ENV)
-    if not path:
-        return
-    target = Path(path)
+def record_choice(kernel: str, key: tuple, config: triton.Config, allowed: list[dict]) -> dict | None:
+    """Add one choice to IGULORA_TUNING_FILE (under a lock, written atomically) unless another
+    process recorded one of the ``allowed`` tiles for this key first; returns the record the file
+    holds (None without a file)."""
+    target = _tuning_path()
+    if target is None:
+        return None
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.with_name(target.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         records = read_tuning_file()
-        records.setdefault(kernel, {}).setdefault(repr(key), config_record(config))
+        record = records.setdefault(kernel, {}).get(repr(key))
+        if record not in allowed:
+            record = records[kernel][repr(key)] = config_record(config)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".tmp")
         with os.fdopen(fd, "w") as f:
             json.dump(records, f, indent=1, sort_keys=True)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would keep other users' processes out
         os.replace(tmp, target)
+    return record
 
 
 def choices() -> dict[str, dict[str, dict]]:

@@ -81,7 +81,7 @@ def test_gemm_kernels_use_tensor_cores_on_16_bit_inputs(records):
     assert gemms and all(r["tensor_core_ops"] > 0 for r in gemms)
 
 
-def test_every_configuration_the_autotuner_can_pick_is_audited(records):
+def test_every_configuration_the_tuner_can_pick_is_audited(records):
     from igu_kernels import lora_linear
 
     audited = {

@@ -201,6 +201,10 @@ def test_the_correctness_matrix_covers_every_rank_form_dtype_and_tile():
     assert {(c.linear.tokens, c.linear.d_in, c.linear.d_out) for c in full} == set(gpu_correctness.LLM_SHAPES)
     assert {c.linear.rank for c in full} == {8, 16, 64}
     assert {c.linear.dtype for c in full} == {torch.bfloat16, torch.float16}
+    tiles_per_case: dict = {}
+    for c in full:  # every tile of a case on one shape, so that the tiles can be compared bitwise
+        tiles_per_case.setdefault((c.linear, c.ig), set()).add(c.tile)
+    assert all(t == set(range(gpu_correctness.tiles(k[0].dtype))) for k, t in tiles_per_case.items())
     p1 = gpu_correctness.matrix("p1", tiny=False)
     assert {c.linear for c in p1} == {roofline.P1} and {(c.ig, c.tile) for c in p1} == {
         (True, 0),

@@ -23,7 +23,7 @@ from igu_kernels import lora_linear, reference, tuning  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TILES = max(len(t.configs_for(d)) for t in lora_linear.TUNED.values() for d in lora_linear.ACTIVATION_DTYPES)
-DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+DTYPE_NAMES = tuning.DTYPE_NAMES
 # Against the reference: the dtypes the interpreter rounds as a GPU does (its fp32 -> bf16 cast
 # truncates, so bf16 errors double there); bf16 still takes part in the bitwise comparison.
 ROUNDED = pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
@@ -118,7 +118,7 @@ def test_tuning_keys_bucket_the_rows_and_the_rank():
 
         timed = [t for t in lora_linear.TUNED.values() if len(t.configs_for("fp32")) > 1]
         assert run(40, 20) == len(timed)
-        assert run(36, 20) == 0  # 72 rows: the bucket of 80
+        assert run(36, 20) == 0  # 72 rows: 80's bucket (128)
         assert run(40, 20, "partial") == 0  # 10 active ranks: R_PAD 16, same bucket as 32
         assert run(40, 40) > 0  # R_PAD 64
         assert run(80, 20) > 0  # 160 rows
@@ -184,7 +184,7 @@ sys.path.insert(0, "tests")
 from test_kernel_lora_linear import _case, _run
 from igu_kernels import lora_linear, tuning
 pick = int(sys.argv[1])
-with tuning.timed_by(tuning.favouring(pick)):
+with tuning.timed_by(tuning.favouring(pick), tuning_file=True):
     out = _run(lora_linear, _case((4, 75, 33, 17, 5), "partial", torch.float16), torch.float32, base="weight")
     choices = tuning.choices()
 torch.save(out, sys.argv[2])
@@ -259,7 +259,7 @@ def test_row_offsets_past_two_to_the_31_do_not_wrap():
     y_far, dx_far = (_far_apart_rows(rows, w, o, storage) for w, o in ((N, 160), (K, 192)))
     dx_far.copy_(torch.randn(dx_far.shape, generator=g))
     y_near, dx_near = torch.empty(rows, N, dtype=torch.float16), dx_far.contiguous()
-    compact = lora_linear._Compact.of(A, E, B, mask)
+    compact = lora_linear._Operands(A, E, B, mask)
     for y, dx in ((y_far, dx_far), (y_near, dx_near)):
         lora_linear._UP[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))](
             h, compact.E, c, compact.B, y, y, rows, N, 1, y.stride(0), y.stride(0), 0.5,
@@ -270,3 +270,27 @@ def test_row_offsets_past_two_to_the_31_do_not_wrap():
             PRECISION="emulate",
         )  # fmt: skip
     assert torch.equal(y_far, y_near) and torch.equal(dx_far, dx_near)
+
+
+def test_a_fake_timer_leaves_the_tuning_file_alone_and_stale_records_are_ignored(tmp_path, monkeypatch):
+    """Forced picks neither come from IGULORA_TUNING_FILE nor go into it; a record that is not one
+    of the dtype's tiles (a file from an older tile list) is never launched."""
+    path = tmp_path / "tiles.json"
+    monkeypatch.setenv(tuning.TUNING_FILE_ENV, str(path))
+    case = _case(SHAPE, "none", torch.float32)
+    with tuning.timed_by(tuning.favouring(-1)):
+        _run(lora_linear, case, torch.float32)
+    assert not path.exists()
+    with tuning.timed_by(tuning.favouring(0), tuning_file=True):
+        _run(lora_linear, case, torch.float32)
+        recorded = json.loads(path.read_text())
+    down = recorded["_down_kernel"]
+    key = next(iter(down))
+    down[key] = {"kwargs": {"BLOCK_M": 256, "BLOCK_K": 64}, "num_warps": 4, "num_stages": 3}  # not a tile
+    path.write_text(json.dumps(recorded))
+    last = tuning.config_record(lora_linear.TUNED["_down_kernel"].configs_for("fp32")[-1])
+    with tuning.timed_by(tuning.favouring(-1), tuning_file=True):
+        _run(lora_linear, case, torch.float32)
+        chosen = lora_linear.TUNED["_down_kernel"].chosen()
+    assert [tuning.config_record(c) for c in chosen.values()] == [last]  # timed again
+    assert json.loads(path.read_text())["_down_kernel"][key] == last  # and the record replaced
