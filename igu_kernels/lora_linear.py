@@ -423,9 +423,7 @@ _DX = _tuned(_dx_kernel, "K", (_RANK_TILES, _RANK_FP32_TILES), "dx_ptr", "ACCUMU
 _GRAD_A = _tuned(_grad_a_kernel, "K", (_SPLIT_TILES, _SPLIT_FP32_TILES), "u_ptr", "HAS_IG")
 _GRAD_B = _tuned(_grad_b_kernel, "N", (_SPLIT_TILES, _SPLIT_FP32_TILES), "gy_ptr", "HAS_IG")
 _E_TILE = [triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=2)]  # fp32 rows only: one tile
-_GRAD_E = Tuned(
-    _grad_e_kernel, dict.fromkeys(("fp32", "fp16", "bf16"), _E_TILE), (), "g_ptr", {"BLOCK_M": 16}
-)
+_GRAD_E = Tuned(_grad_e_kernel, {"fp32": _E_TILE}, (), "g_ptr", {"BLOCK_M": 16})
 TUNED = {t.name: t for t in (_DOWN, _UP, _GRAD_H, _DX, _GRAD_A, _GRAD_B, _GRAD_E)}
 # The constexpr each kernel reduces over in blocks (None: the rank, in R_STEP slices).
 REDUCTION_BLOCK = {

@@ -143,7 +143,9 @@ class Tuned:
         return self.kernel.fn.__name__
 
     def configs_for(self, dtype: str) -> list[triton.Config]:
-        return list(self.configs[dtype])
+        """The tiles for activations of ``dtype`` (none for a kernel that takes no activations
+        of that dtype)."""
+        return list(self.configs.get(dtype, ()))
 
     def chosen(self) -> dict[tuple, triton.Config]:
         """The configuration pinned per tuning key in this process."""

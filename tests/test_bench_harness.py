@@ -273,7 +273,8 @@ def test_gpu_check_dry_run_exercises_every_stage_on_a_cpu(tmp_path):
             for kernel, configs in check["configs"].items():
                 forced[kernel].update(json.dumps(c, sort_keys=True) for c in configs)
     for kernel, tuned in lora_linear.TUNED.items():  # every tile of every kernel was made to win
-        expected = {json.dumps(tuning.config_record(c), sort_keys=True) for c in tuned.configs_for("fp16")}
+        dtype = "fp16" if tuned.dtype_arg in lora_linear.ACTIVATION_PTRS else "fp32"  # dE: fp32 rows
+        expected = {json.dumps(tuning.config_record(c), sort_keys=True) for c in tuned.configs_for(dtype)}
         assert forced[kernel] == expected, kernel
     p1 = json.loads((tmp_path / "bench_p1.json").read_text())["records"]
     assert {r["op"] for r in p1} == {"plain_lora", "lora_linear_ig"}

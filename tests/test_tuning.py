@@ -84,7 +84,7 @@ def test_no_tile_changes_a_reduction():
         for dtype in lora_linear.ACTIVATION_DTYPES:
             configs = tuned.configs_for(dtype)
             if block is not None:
-                assert len({c.kwargs[block] for c in configs}) == 1, (name, dtype)
+                assert len({c.kwargs[block] for c in configs}) <= 1, (name, dtype)
             if name in ("_grad_a_kernel", "_grad_b_kernel", "_grad_e_kernel"):
                 assert all(lora_linear._CHUNK_MULTIPLE % c.kwargs["BLOCK_M"] == 0 for c in configs)
 
