@@ -34,8 +34,9 @@ from pathlib import Path
 import torch
 
 from bench.case import IG_PLAN, SEQUENCES, Linear
-from bench.record import meta, write_json
+from bench.record import meta
 from igu_kernels import lora_linear, reference, tuning
+from igulora.io import write_json
 
 BF16, FP16 = torch.bfloat16, torch.float16
 LLM_SHAPES = (  # (tokens, in, out)

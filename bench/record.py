@@ -1,14 +1,12 @@
-"""What every results file of bench/ carries: the device, the versions, and an atomic write (a
-run stopped by a time limit leaves the last complete file, never half of one)."""
+"""What every results file of bench/ carries: the device and the versions. Files are written
+with ``igulora.io.write_json`` (atomic: a run stopped by a time limit leaves the last complete
+file, never half of one)."""
 
 from __future__ import annotations
 
 import datetime
 import importlib.metadata
-import json
-import os
 import platform
-from pathlib import Path
 
 import torch
 
@@ -36,11 +34,3 @@ def meta(command: str, device: torch.device, **extra) -> dict:
         "python": platform.python_version(),
         **extra,
     }
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)

@@ -27,9 +27,10 @@ if __package__ in (None, ""):
 from bench import roofline  # noqa: E402
 from bench.case import PRESETS, Case  # noqa: E402
 from bench.cases import OPS, all_cases  # noqa: E402
-from bench.record import device_name, meta, write_json  # noqa: E402
+from bench.record import device_name, meta  # noqa: E402
 from bench.timing import interleaved_median_ms, synchronize  # noqa: E402
 from igu_kernels.audit import launched  # noqa: E402
+from igulora.io import write_json  # noqa: E402
 
 EXTRA_OPS = ("ig_memory", "checkpoint_memory")  # the memory tables, not timed cases
 
