@@ -450,7 +450,13 @@ GPU_CONSTEXPRS = {
 }
 MAX_RANK = 64  # larger active ranks run on the reference (no tile above is audited)
 _WIDEST_FEATURE_TILE = max(f for _, f, _, _ in _SPLIT_TILES + _SPLIT_FP32_TILES)
-_CHUNK_MULTIPLE = max(m for tiles in (_SPLIT_TILES, _SPLIT_FP32_TILES) for m, _, _, _ in tiles)
+_CHUNK_MULTIPLE = max(  # every row block of the kernels reducing over rows (powers of two)
+    c.kwargs["BLOCK_M"]
+    for name, tuned in TUNED.items()
+    if REDUCTION_BLOCK[name] == "BLOCK_M"
+    for configs in tuned.configs.values()
+    for c in configs
+)
 _SPLIT_TARGET = {"gpu": (2, 256), "interpreter": (8, 32)}  # (programs per SM | in all, min rows)
 
 
@@ -565,26 +571,26 @@ class TritonLoraLinearFunction(torch.autograd.Function):
             base = F.linear(u2, weight, bias)
         base2 = None if base is None else _rows_of(base, N)
         y = torch.empty(M, N, device=u.device, dtype=u.dtype)
-        compact = _Operands(A, E, B, mask)
-        h = torch.empty(M, compact.r_pad, device=u.device, dtype=torch.float32)
+        operands = _Operands(A, E, B, mask)
+        h = torch.empty(M, operands.r_pad, device=u.device, dtype=torch.float32)
         c = row_scale.to(torch.float32).contiguous()
         precision = _precision(u.dtype)
-        if compact.r and M:
+        if operands.r and M:
             src = y if base2 is None else base2
             with device_guard(u2.device):
                 _DOWN[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)](
-                    u2, compact.A, h, M, K, u2.stride(0), R_PAD=compact.r_pad, PRECISION=precision
+                    u2, operands.A, h, M, K, u2.stride(0), R_PAD=operands.r_pad, PRECISION=precision
                 )
                 _UP[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))](
-                    h, compact.E, c, compact.B, src, y, M, N, per_row, src.stride(0), y.stride(0),
-                    float(scaling), HAS_BASE=base2 is not None, R_PAD=compact.r_pad, PRECISION=precision,
+                    h, operands.E, c, operands.B, src, y, M, N, per_row, src.stride(0), y.stride(0),
+                    float(scaling), HAS_BASE=base2 is not None, R_PAD=operands.r_pad, PRECISION=precision,
                 )  # fmt: skip
         elif base2 is None:
             y.zero_()
         else:
             y.copy_(base2)
         ctx.save_for_backward(u2, h, c, train_coef.to(torch.float32).contiguous(), A, E, B, weight)
-        ctx.compact, ctx.scaling, ctx.per_row, ctx.precision = compact, float(scaling), per_row, precision
+        ctx.operands, ctx.scaling, ctx.per_row, ctx.precision = operands, float(scaling), per_row, precision
         ctx.in_shape, ctx.base_shape = u.shape, None if base is None else base.shape
         ctx.ig_coef = None if ig_buffers is None else ig_coef.to(torch.float32).contiguous()
         ctx.ig_buffers = ig_buffers
@@ -594,10 +600,9 @@ class TritonLoraLinearFunction(torch.autograd.Function):
     @autocast_off
     def backward(ctx, gy):
         u2, h, c, tc, A, E, B, weight = ctx.saved_tensors
-        compact, M, N = ctx.compact, u2.shape[0], B.shape[0]
-        has_ig, active = ctx.ig_buffers is not None, bool(compact.r and M)
+        operands, M, N = ctx.operands, u2.shape[0], B.shape[0]
+        has_ig, active = ctx.ig_buffers is not None, bool(operands.r and M)
         gy2 = _rows_of(gy.to(u2.dtype), N)
-        dA, dE, dB = torch.zeros_like(A), torch.zeros_like(E), torch.zeros_like(B)
         d_base = gy.reshape(ctx.base_shape) if ctx.needs_input_grad[1] else None
         d_weight = gy2.t() @ u2 if ctx.needs_input_grad[2] else None
         d_bias = gy2.sum(0) if ctx.needs_input_grad[3] else None
@@ -610,15 +615,16 @@ class TritonLoraLinearFunction(torch.autograd.Function):
             ic = ctx.ig_coef if has_ig else tc
             with device_guard(u2.device):
                 da, de, db = _backward_kernels(ctx, u2, gy2, h, c, tc, ic, du, weight is not None)
-            r = compact.r
-            dA.copy_(da[0, :r])
-            dE.copy_(de[0, :r] if compact.mask is None else de[0, :r] * compact.mask)
-            dB.copy_(db[0, :, :r])
-            if has_ig:  # compact.E is masked: so is the IG of E
+            r = operands.r
+            dA, dB = da[0, :r].to(A.dtype), db[0, :, :r].to(B.dtype)
+            dE = (de[0, :r] if operands.mask is None else de[0, :r] * operands.mask).to(E.dtype)
+            if has_ig:  # operands.E is masked: so is the IG of E
                 buf_a, buf_e, buf_b = ctx.ig_buffers
-                buf_a += (compact.A[:r] * da[1, :r]).to(buf_a.dtype)
-                buf_e += (compact.E[:r] * de[1, :r]).to(buf_e.dtype)
-                buf_b += (compact.B[:, :r] * db[1, :, :r]).to(buf_b.dtype)
+                buf_a += (operands.A[:r] * da[1, :r]).to(buf_a.dtype)
+                buf_e += (operands.E[:r] * de[1, :r]).to(buf_e.dtype)
+                buf_b += (operands.B[:, :r] * db[1, :, :r]).to(buf_b.dtype)
+        else:
+            dA, dE, dB = torch.zeros_like(A), torch.zeros_like(E), torch.zeros_like(B)
         du = None if du is None else du.reshape(ctx.in_shape)
         return du, d_base, d_weight, d_bias, dA, dE, dB, None, None, None, None, None, None
 
@@ -626,24 +632,24 @@ class TritonLoraLinearFunction(torch.autograd.Function):
 def _backward_kernels(ctx, u2, gy2, h, c, tc, ic, du, accumulate: bool):
     """g, then du (in place) and the chunked row reductions; returns (dA, dE, dB) sums per
     coefficient set (training, IG), chunks added in a fixed order (deterministic)."""
-    compact, s, per_row, precision = ctx.compact, ctx.scaling, ctx.per_row, ctx.precision
-    (M, K), N, r_pad = u2.shape, gy2.shape[1], compact.r_pad
+    operands, s, per_row, precision = ctx.operands, ctx.scaling, ctx.per_row, ctx.precision
+    (M, K), N, r_pad = u2.shape, gy2.shape[1], operands.r_pad
     has_ig = ctx.ig_buffers is not None
     f32 = {"device": u2.device, "dtype": torch.float32}
     g = torch.empty(M, r_pad, **f32)
     _GRAD_H[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)](
-        gy2, compact.B, c, g, M, N, per_row, gy2.stride(0), s, R_PAD=r_pad, PRECISION=precision
+        gy2, operands.B, c, g, M, N, per_row, gy2.stride(0), s, R_PAD=r_pad, PRECISION=precision
     )
     if du is not None:
         _DX[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_K"]))](
-            g, compact.E, compact.A, du, M, K, du.stride(0), ACCUMULATE=accumulate, R_PAD=r_pad,
+            g, operands.E, operands.A, du, M, K, du.stride(0), ACCUMULATE=accumulate, R_PAD=r_pad,
             PRECISION=precision,
         )  # fmt: skip
     sets = 2 if has_ig else 1
     chunks_a, chunks_b = row_chunks(M, K, u2.device), row_chunks(M, N, u2.device)
     da = torch.empty(sets, chunks_a, r_pad, K, **f32)
     _GRAD_A[lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), chunks_a)](
-        u2, g, compact.E, tc, ic, da, M, K, per_row, u2.stride(0), chunk_rows(M, chunks_a),
+        u2, g, operands.E, tc, ic, da, M, K, per_row, u2.stride(0), chunk_rows(M, chunks_a),
         HAS_IG=has_ig, R_PAD=r_pad, PRECISION=precision,
     )  # fmt: skip
     chunks_e = row_chunks(M, r_pad, u2.device)
@@ -653,7 +659,7 @@ def _backward_kernels(ctx, u2, gy2, h, c, tc, ic, du, accumulate: bool):
     )
     db = torch.empty(sets, chunks_b, N, r_pad, **f32)
     _GRAD_B[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), chunks_b)](
-        gy2, h, compact.E, c, tc, ic, db, M, N, per_row, gy2.stride(0), chunk_rows(M, chunks_b),
+        gy2, h, operands.E, c, tc, ic, db, M, N, per_row, gy2.stride(0), chunk_rows(M, chunks_b),
         HAS_IG=has_ig, R_PAD=r_pad, PRECISION=precision,
     )  # fmt: skip
     return da.sum(1), de.sum(1), db.sum(1) * s

@@ -259,14 +259,14 @@ def test_row_offsets_past_two_to_the_31_do_not_wrap():
     y_far, dx_far = (_far_apart_rows(rows, w, o, storage) for w, o in ((N, 160), (K, 192)))
     dx_far.copy_(torch.randn(dx_far.shape, generator=g))
     y_near, dx_near = torch.empty(rows, N, dtype=torch.float16), dx_far.contiguous()
-    compact = lora_linear._Operands(A, E, B, mask)
+    operands = lora_linear._Operands(A, E, B, mask)
     for y, dx in ((y_far, dx_far), (y_near, dx_near)):
         lora_linear._UP[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))](
-            h, compact.E, c, compact.B, y, y, rows, N, 1, y.stride(0), y.stride(0), 0.5,
+            h, operands.E, c, operands.B, y, y, rows, N, 1, y.stride(0), y.stride(0), 0.5,
             HAS_BASE=False, R_PAD=16, PRECISION="emulate",
         )  # fmt: skip
         lora_linear._DX[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_K"]))](
-            h, compact.E, compact.A, dx, rows, K, dx.stride(0), ACCUMULATE=True, R_PAD=16,
+            h, operands.E, operands.A, dx, rows, K, dx.stride(0), ACCUMULATE=True, R_PAD=16,
             PRECISION="emulate",
         )  # fmt: skip
     assert torch.equal(y_far, y_near) and torch.equal(dx_far, dx_near)
