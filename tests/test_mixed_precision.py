@@ -119,7 +119,7 @@ def test_trainer_fp16_path_unscales_ig_and_skips_what_accelerate_skipped(tmp_pat
 
     import transformers
 
-    from igulora.trainer import IGUTrainer
+    from igulora.integrations.trainer import IGUTrainer
 
     batch = token_batch()
     reference = _igu(tiny_bert, ig_every=1)

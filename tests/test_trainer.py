@@ -9,7 +9,7 @@ from conftest import short_run_config, tiny_bert, token_batch
 from igulora import get_igu_model
 
 transformers = pytest.importorskip("transformers")
-from igulora.trainer import IGUTrainer  # noqa: E402
+from igulora.integrations.trainer import IGUTrainer  # noqa: E402
 
 STEPS = 8
 

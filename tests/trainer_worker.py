@@ -17,7 +17,7 @@ import transformers  # noqa: E402
 from conftest import lm_batch, tiny_llama  # noqa: E402
 
 from igulora import IGULoraConfig, causal_lm_row_loss, get_igu_model  # noqa: E402
-from igulora.trainer import IGUTrainer  # noqa: E402
+from igulora.integrations.trainer import IGUTrainer  # noqa: E402
 
 STEPS = 12  # budget phase: steps 3 to 10
 
