@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from igu_kernels.reference import SCORES
@@ -27,6 +27,8 @@ class IGULoraConfig:
     average of ``target_r`` per layer (a float: 0.5 keeps half as many triplets as layers) at step
     ``total_step - tfinal``, masks frozen for the last ``tfinal``
     steps; reallocation every ``delta_t`` steps. ``budget_unit`` counts triplets or parameters.
+    ``total_step=None`` lets a Trainer integration set it from the run's ``max_steps``
+    (``IGUModel.set_total_step`` elsewhere); ``tinit`` / ``tfinal`` may be fractions of it.
 
     Score: EMAs of |IG| (``beta1``) and of its deviation (``beta2``), combined as
     ``stable_magnitude`` (the default: ``Ibar^2 / (Ibar + Ubar)``, both magnitude and stability),
@@ -63,9 +65,9 @@ class IGULoraConfig:
     init: str = "adalora"  # the LoRA-like start is unstable at 6 ranks (docs/results.md)
     prune_mode: str = "mask"
     compact: bool | None = None
-    total_step: int | None = None
-    tinit: int = 0
-    tfinal: int = 0
+    total_step: int | None = None  # None: set by a Trainer integration from max_steps
+    tinit: int | float = 0  # a float in [0, 1): a fraction of total_step
+    tfinal: int | float = 0
     delta_t: int = 1
     budget_unit: str = "triplets"
     beta1: float = 0.85
@@ -118,16 +120,21 @@ class IGULoraConfig:
         ):
             if getattr(self, name) not in allowed:
                 fail(name, f"must be one of {allowed}")
-        if not isinstance(self.total_step, int) or self.total_step < 1:
-            fail("total_step", "must be set to the number of optimizer steps (an integer >= 1)")
+        total = self.total_step
+        if total is not None and (isinstance(total, bool) or not isinstance(total, int) or total < 1):
+            fail("total_step", "must be the optimizer steps (an integer >= 1), or None for a Trainer to set")
         for name in ("tinit", "tfinal"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                fail(name, "must be an integer >= 0")
-        if self.tinit + self.tfinal >= self.total_step:
+            value = getattr(self, name)
+            if isinstance(value, float) and 0.0 <= value < 1.0:
+                if total is not None:  # a fraction of the run, resolved once total_step is known
+                    setattr(self, name, round(value * total))
+            elif isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                fail(name, "must be a step count (an integer >= 0) or a fraction of total_step in [0, 1)")
+        if total is not None and self.tinit + self.tfinal >= total:
             fail(
                 "tfinal",
                 f"tinit + tfinal = {self.tinit + self.tfinal} leaves no budget phase before "
-                f"total_step={self.total_step}",
+                f"total_step={total}",
             )
         for name in ("beta1", "beta2"):
             if not 0.0 < getattr(self, name) < 1.0:
@@ -159,7 +166,7 @@ class IGULoraConfig:
         start = self.orth_reg_start
         if start != "tinit" and (isinstance(start, bool) or not isinstance(start, int) or start < 0):
             fail("orth_reg_start", "must be an optimizer step (an integer >= 0) or 'tinit'")
-        if self.orth_reg_weight > 0 and self.orth_reg_from >= self.total_step:
+        if self.orth_reg_weight > 0 and total is not None and self.orth_reg_from >= total:
             fail(
                 "orth_reg_start",
                 f"starts the orthogonality term at step {self.orth_reg_from}, at or past "
@@ -167,6 +174,15 @@ class IGULoraConfig:
             )
         if self.compact not in (None, True, False):
             fail("compact", "must be None (on where exact), True or False")
+
+    def resolved(self, total_step: int) -> IGULoraConfig:
+        """This config with ``total_step`` set (fractional ``tinit`` / ``tfinal`` become steps);
+        a config that set it already must agree."""
+        if self.total_step is not None and self.total_step != total_step:
+            raise ValueError(
+                f"IGULoraConfig.total_step={self.total_step} is set already; the run has {total_step} steps"
+            )
+        return replace(self, total_step=total_step)
 
     @property
     def tracks_completeness(self) -> bool:

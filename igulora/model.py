@@ -13,6 +13,7 @@ from torch import nn
 from igulora.allocator import RankAllocator
 from igulora.compaction import rebuild_ddp, unknown_optimizer
 from igulora.config import IGULoraConfig
+from igulora.config_view import BaseConfigView
 from igulora.distributed import all_reduce_mean, full_tensor, is_main_process
 from igulora.host import all_finite, read_back, read_back_each
 from igulora.ig import (
@@ -22,6 +23,7 @@ from igulora.ig import (
     adapter_layers,
     batched_ig_loss,
     build_node_batch,
+    causal_lm_row_loss,
     loss_gap,
     mean_loss,
     sequence_classification_row_loss,
@@ -54,7 +56,20 @@ class IGUModel(nn.Module):
         optimizer.step()
         igu.update_and_allocate(step, optimizer=optimizer)  # scores, prunes, compacts
         optimizer.zero_grad()
+
+    or ``igu.attach(optimizer)`` once, and the allocation runs after every real optimizer step.
+
+    To the rest of the ecosystem it looks like the model it wraps (as PEFT's ``PeftModel``):
+    ``config`` is the base model's config, and attributes it lacks (``generate``,
+    ``get_input_embeddings``, ``can_generate``, ``name_or_path``, ...) are the base model's. The
+    IGU-LoRA config is ``igu_config``.
     """
+
+    # Trainer: the loss is a per-micro-batch mean (Trainer divides it by the accumulation steps,
+    # as igulora's IG accumulation assumes), and adapters are attached (not a "purely quantized
+    # model" when the base is 4-bit).
+    accepts_loss_kwargs = False
+    _hf_peft_config_loaded = True
 
     def __init__(self, model: nn.Module, config: IGULoraConfig) -> None:
         super().__init__()
@@ -77,7 +92,7 @@ class IGUModel(nn.Module):
         for module in saved_modules.values():
             module.requires_grad_(True)
         self.model = model
-        self.config = config
+        self.igu_config = config  # PEFT keeps its adapter config beside the model's, as here
         self.saved_module_names = sorted(saved_modules)
         self.allocator = RankAllocator(model, config)
         self.step = 0  # optimizer steps taken: update_and_allocate(step) sets it to step + 1
@@ -92,6 +107,10 @@ class IGUModel(nn.Module):
         self.node_budget = NodeBudget(config.ig_tolerance, config.ig_max_steps)
         self._loss_gaps: list[torch.Tensor] = []
         self.last_check: Completeness | None = None
+        self._scored = False  # whether a training_loss built IG rows since the last allocation
+        self._hooks: list = []  # attach(): the optimizer hook and the GradScaler wrapper
+        self.row_loss_fn: RowLossFn = default_row_loss(model)
+        self._config_view = BaseConfigView(model.config, config) if hasattr(model, "config") else None
         self.train(model.training)
         # Advertise the wrapped model's forward signature (Trainer keeps only the batch columns
         # that forward accepts).
@@ -101,6 +120,79 @@ class IGUModel(nn.Module):
     def forward(self, *args, **kwargs):
         self._check_allocation()
         return self.model(*args, **kwargs)
+
+    # -- the wrapped model's face -----------------------------------------------------------
+
+    @property
+    def config(self):
+        """The base model's config (what Trainer, TRL and generation read). IGU-LoRA fields read
+        through it still work, with a ``DeprecationWarning``: use :attr:`igu_config`."""
+        if self._config_view is None:  # a plain nn.Module has no config of its own
+            warnings.warn(
+                "IGUModel.config: use IGUModel.igu_config for the IGU-LoRA config",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            return self.igu_config
+        return self._config_view
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)  # parameters, buffers, submodules
+        except AttributeError:
+            if name == "model" or name.startswith("__"):
+                raise
+            return getattr(self.model, name)
+
+    def set_total_step(self, total_step: int) -> None:
+        """Fix ``total_step`` (and fractional ``tinit`` / ``tfinal``) of a config that left it
+        unset; the Trainer integrations call this with the run's ``max_steps``."""
+        self.igu_config = self.allocator.config = self.igu_config.resolved(total_step)
+        if self._config_view is not None:
+            object.__setattr__(self._config_view, "_igu", self.igu_config)
+
+    def _require_total_step(self) -> None:
+        if self.igu_config.total_step is None:
+            raise RuntimeError(
+                "IGULoraConfig.total_step is None: pass total_step=<optimizer steps>, call "
+                "igu.set_total_step(n), or train with a Trainer integration (it uses max_steps)"
+            )
+
+    # -- the allocation step nobody can forget ----------------------------------------------
+
+    def attach(
+        self, optimizer: torch.optim.Optimizer, grad_scaler: torch.amp.GradScaler | None = None
+    ) -> None:
+        """Run :meth:`update_and_allocate` after every optimizer step that really runs.
+
+        ``Optimizer.register_step_post_hook`` fires only when the step runs: Accelerate's
+        micro-batches that do not sync gradients and a step a ``GradScaler`` skips never reach it.
+        Accelerate's ``AcceleratedOptimizer`` is unwrapped and its scaler used. With a scaler
+        (fp16), the IG is unscaled by the scale of this step's backward, and a skipped step
+        (inf/NaN) drops its IG and counts as a skipped score update (``scaler.update`` is
+        wrapped to see it). Attaching again replaces the previous attachment.
+        """
+        self.detach()
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate.AcceleratedOptimizer
+        scaler = grad_scaler if grad_scaler is not None else getattr(optimizer, "scaler", None)
+        scaler = scaler if scaler is not None and scaler.is_enabled() else None
+
+        def after_step(opt, args, kwargs) -> None:
+            scale = scaler.get_scale() if scaler is not None else 1.0  # update() comes later
+            self.update_and_allocate(self.step, optimizer=inner, loss_scale=scale)
+
+        self._hooks.append(inner.register_step_post_hook(after_step))
+        if scaler is not None:
+            self._hooks.append(_ScalerUpdateHook(scaler, inner, self._skipped_step))
+
+    def detach(self) -> None:
+        """Remove what :meth:`attach` installed."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    def _skipped_step(self, optimizer: torch.optim.Optimizer, loss_scale: float) -> None:
+        self.update_and_allocate(self.step, optimizer=optimizer, loss_scale=loss_scale, step_skipped=True)
 
     def _adapter_version(self) -> int:
         """In-place updates of the first adapter so far: an optimizer step bumps it."""
@@ -114,7 +206,7 @@ class IGUModel(nn.Module):
         if self._adapter_version() != self._probe_version:
             self._probe_version = self._adapter_version()
             self._updates_seen += 1
-        limit = self.config.tinit + self.config.delta_t + 1  # + 1: one load or manual write is fine
+        limit = self.igu_config.tinit + self.igu_config.delta_t + 1  # + 1: one load or manual write is fine
         if self._updates_seen > limit:
             raise RuntimeError(
                 f"IGU-LoRA: the adapters were updated {self._updates_seen} times but update_and_allocate() "
@@ -209,12 +301,12 @@ class IGUModel(nn.Module):
     @property
     def ig_nodes(self) -> int:
         """Quadrature nodes of the next scoring step (``ig_steps``, or the ``auto`` count)."""
-        return self.node_budget.nodes if self.config.ig_steps == "auto" else self.config.ig_steps
+        return self.node_budget.nodes if self.igu_config.ig_steps == "auto" else self.igu_config.ig_steps
 
     def is_scoring_step(self) -> bool:
         """Whether this forward evaluates the IG nodes: every ``ig_every`` steps with grad enabled,
         never in the final phase (masks are frozen there)."""
-        c = self.config
+        c = self.igu_config
         in_budget_phase = self.step < c.total_step - c.tfinal
         return (
             c.ig_rule != "gradient"
@@ -226,7 +318,7 @@ class IGUModel(nn.Module):
     def training_loss(
         self,
         batch: Batch,
-        row_loss_fn: RowLossFn = sequence_classification_row_loss,
+        row_loss_fn: RowLossFn | None = None,
         module: nn.Module | None = None,
     ) -> torch.Tensor:
         """The loss to backpropagate for one (micro-)batch.
@@ -236,12 +328,16 @@ class IGUModel(nn.Module):
         group's; otherwise it is the plain mean loss. The
         orthogonality regulariser is added. ``self.last_loss`` holds the training-group loss.
         ``module`` is what ``row_loss_fn`` calls: this model (default) or a wrapper of it (DDP).
+        ``row_loss_fn`` defaults to :attr:`row_loss_fn` (causal LM for models that generate,
+        sequence classification otherwise).
         """
+        self._require_total_step()
+        row_loss_fn = self.row_loss_fn if row_loss_fn is None else row_loss_fn
         module = self if module is None else module
         self._ddp = module if isinstance(module, nn.parallel.DistributedDataParallel) else None
         set_row_plan(self.model, None)  # the previous scoring step's backward is done
         if self.is_scoring_step():
-            c = self.config
+            c = self.igu_config
             quad = quadrature(
                 c.ig_rule, self.ig_nodes, grid=c.stochastic_grid, generator=self._node_generator
             )
@@ -249,14 +345,15 @@ class IGUModel(nn.Module):
             if c.tracks_completeness:  # before the row plan is installed for the batched backward
                 self._loss_gaps.append(loss_gap(module, row_loss_fn, batch, node_batch.ig_index))
             loss, train_loss = batched_ig_loss(module, row_loss_fn, node_batch)
+            self._scored = True
             # The value the user sees (logs, the Trainer's loss) is the training loss; the
             # gradient stays the batched one.
             loss = loss - (loss - train_loss).detach()
         else:
             loss = train_loss = mean_loss(row_loss_fn)(module, batch)
         self.last_loss = train_loss.detach()
-        if self.config.orth_reg_weight > 0 and self.step >= self.config.orth_reg_from:
-            loss = loss + self.config.orth_reg_weight * self.orthogonality_loss()
+        if self.igu_config.orth_reg_weight > 0 and self.step >= self.igu_config.orth_reg_from:
+            loss = loss + self.igu_config.orth_reg_weight * self.orthogonality_loss()
         return loss
 
     def finite_step(self, loss: torch.Tensor) -> bool:
@@ -284,8 +381,12 @@ class IGUModel(nn.Module):
         ``loss_scale`` / ``step_skipped`` say the same for loops that read them elsewhere
         (``IGUTrainer`` does).
         """
+        self._require_total_step()
         if grad_scaler is not None:
             loss_scale, step_skipped = scaler_state(grad_scaler)
+        if not step_skipped:
+            self._check_scored(step)
+        self._scored = False
         set_row_plan(self.model, None)
         self._allocation_calls += 1
         self.step = step + 1
@@ -294,6 +395,21 @@ class IGUModel(nn.Module):
         if pattern is not None:
             self.compact(optimizer)
         return pattern
+
+    def _check_scored(self, step: int) -> None:
+        """Fail loudly when a scoring step's gradients did not come from :meth:`training_loss`
+        (a Trainer or loop that calls ``model(**batch)`` itself): the scores would never move."""
+        c = self.igu_config
+        scoring = c.ig_rule != "gradient" and step % c.ig_every == 0 and step < c.total_step - c.tfinal
+        if not scoring or self._scored or step != self.step:
+            return
+        if any(p.grad is not None for layer in self.adapters.values() for p in layer.parameters()):
+            raise RuntimeError(
+                f"IGU-LoRA: optimizer step {step} is a scoring step, but its gradients did not come "
+                "from igu.training_loss(batch): the IG scores would never move. Compute the loss "
+                "with igu.training_loss, or train with IGUTrainer, igu_trainer(YourTrainer) or "
+                "IGUSFTTrainer (igulora.integrations)"
+            )
 
     def _check_completeness(self, step: int, loss_scale: float, step_skipped: bool) -> None:
         """The scoring step's completeness residual (before the allocator consumes the IG), and
@@ -309,14 +425,14 @@ class IGUModel(nn.Module):
         check = torch.stack([torch.stack(totals).sum() / loss_scale, torch.stack(gaps).double().mean()])
         all_reduce_mean([check])  # every rank decides on the same numbers
         self.last_check = Completeness(step, self.ig_nodes, *check.tolist())
-        if self.config.ig_steps == "auto":
+        if self.igu_config.ig_steps == "auto":
             self.node_budget.observe(self.last_check)
 
     # -- compaction -------------------------------------------------------------------------
 
     def _compaction_blocker(self, optimizer, restoring: bool) -> tuple[str | None, bool]:
         """(why compaction cannot run now, whether to warn about it), None when it can."""
-        c = self.config
+        c = self.igu_config
         explicit = c.compact is True
         if c.compact is False:
             return "compact=False", False
@@ -424,9 +540,9 @@ class IGUModel(nn.Module):
             "rank_pattern": ranks,
             "alpha_pattern": dict(ranks),
             "target_modules": sorted(ranks),
-            "modules_to_save": self.config.modules_to_save,
+            "modules_to_save": self.igu_config.modules_to_save,
             "fan_in_fan_out": any(layer.fan_in_fan_out for layer in self.adapters.values()),
-            "lora_dropout": self.config.lora_dropout,
+            "lora_dropout": self.igu_config.lora_dropout,
             "bias": "none",
             "use_rslora": False,
             "init_lora_weights": True,
@@ -435,8 +551,8 @@ class IGUModel(nn.Module):
         return config, tensors
 
     def _base_model_name(self) -> str | None:
-        if self.config.base_model_name_or_path:
-            return self.config.base_model_name_or_path
+        if self.igu_config.base_model_name_or_path:
+            return self.igu_config.base_model_name_or_path
         return getattr(getattr(self.model, "config", None), "_name_or_path", None) or None
 
     def _saved_module_state(self, name: str) -> dict[str, torch.Tensor]:
@@ -467,7 +583,7 @@ class IGUModel(nn.Module):
             return
         meta = {
             "format_version": FORMAT_VERSION,
-            "config": self.config.to_dict(),
+            "config": self.igu_config.to_dict(),
             "step": self.step,
             "allocator": {k: alloc[k] for k in ("num_updates", "skipped_updates", "budget")},
             "modules": self.module_shapes,
@@ -501,8 +617,11 @@ class IGUModel(nn.Module):
         same model and config (a Trainer checkpoint, say). Every check comes before any change:
         another model, other modules or another config raise an error naming the difference."""
         meta, path = read_meta(directory)
-        saved = IGULoraConfig.from_dict(meta["config"]).to_dict()
-        ours = self.config.to_dict()
+        saved_config = IGULoraConfig.from_dict(meta["config"])
+        config = self.igu_config
+        if config.total_step is None and saved_config.total_step is not None:  # a Trainer resuming
+            config = config.resolved(saved_config.total_step)
+        saved, ours = saved_config.to_dict(), config.to_dict()
         differ = {k: (saved[k], ours[k]) for k in ours if saved[k] != ours[k]}
         if differ:
             details = ", ".join(f"{k}: saved {a!r}, this model {b!r}" for k, (a, b) in differ.items())
@@ -517,7 +636,10 @@ class IGUModel(nn.Module):
                 f"{path}: saved for other modules (not in the save: {missing[:4]}, not in this model: "
                 f"{extra[:4]}, other in/out/r: {shapes[:4]}); another base model?"
             )
-        self._restore(meta, read_state(Path(directory) / IGU_STATE, meta["modules"]))
+        state = read_state(Path(directory) / IGU_STATE, meta["modules"])
+        if config is not self.igu_config:
+            self.set_total_step(config.total_step)
+        self._restore(meta, state)
 
     @torch.no_grad()
     def _restore(self, meta: dict, state: dict[str, torch.Tensor]) -> None:
@@ -563,6 +685,39 @@ def scaler_state(grad_scaler: torch.amp.GradScaler) -> tuple[float, bool]:
             "before scaler.update(): the scaler has no record of this step's inf/NaN check"
         )
     return grad_scaler.get_scale(), any(bool(f.item()) for f in found)
+
+
+class _ScalerUpdateHook:
+    """Wraps ``scaler.update`` to call ``on_skip(optimizer, scale)`` first when ``scaler.step``
+    skipped ``optimizer``'s step (inf/NaN): the one moment the scaler still knows it did."""
+
+    def __init__(self, scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer, on_skip) -> None:
+        self.scaler = scaler
+        self.replaced = vars(scaler).get("update")  # an earlier wrapper, if any
+        original = scaler.update
+
+        def update(new_scale=None) -> None:
+            state = scaler._per_optimizer_states.get(id(optimizer))  # no public record of a skip
+            found = state["found_inf_per_device"].values() if state else ()
+            if any(bool(f.item()) for f in found):  # scaler.step read the same flags back already
+                on_skip(optimizer, scaler.get_scale())
+            original(new_scale)
+
+        scaler.update = update
+
+    def remove(self) -> None:
+        if self.replaced is None:
+            del self.scaler.update
+        else:
+            self.scaler.update = self.replaced
+
+
+def default_row_loss(model: nn.Module) -> RowLossFn:
+    """Next-token loss for a model that generates (``can_generate()``), per-example
+    classification loss otherwise."""
+    can_generate = getattr(model, "can_generate", None)
+    generates = callable(can_generate) and can_generate()
+    return causal_lm_row_loss if generates else sequence_classification_row_loss
 
 
 def get_igu_model(model: nn.Module, config: IGULoraConfig) -> IGUModel:

@@ -16,12 +16,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def tiny_llama(dtype=torch.float32, seed=0, layers=2):
+def tiny_llama(dtype=torch.float32, seed=0, layers=2, vocab_size=61):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=61,
+        vocab_size=vocab_size,
         hidden_size=24,
         intermediate_size=37,
         num_hidden_layers=layers,
@@ -30,6 +30,30 @@ def tiny_llama(dtype=torch.float32, seed=0, layers=2):
         max_position_embeddings=32,
     )
     return LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}<eos>{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+def char_tokenizer():
+    """A character-level fast tokenizer with a chat template, built offline (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<unk>", "<user>", "<assistant>", "<system>"]
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789 .,:?!+=-")
+    vocab = {token: i for i, token in enumerate(specials + chars)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": specials[3:]})
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
 
 
 def tiny_gpt2(dtype=torch.float32, seed=0):
@@ -199,7 +223,7 @@ def step_gradients(igu, batch, row_loss_fn, scoring=True, context=None, module=N
 
     from igulora.ig import ADAPTER_PARAMS
 
-    assert igu.config.ig_every == 2
+    assert igu.igu_config.ig_every == 2
     igu.train()
     igu.step = 0 if scoring else 1
     with context() if context else contextlib.nullcontext():

@@ -190,7 +190,7 @@ def test_orthogonality_term_enters_the_loss_from_orth_reg_start(start, first):
     """The training loss is the task's before step ``first`` and the task's plus the weighted term
     from it on (``"tinit"``: the end of the initial phase, 2 here)."""
     igu = _igu(orth_reg_weight=0.3, orth_reg_start=start, ig_rule="gradient")
-    assert igu.config.orth_reg_from == first
+    assert igu.igu_config.orth_reg_from == first
     x, y = torch.randn(8, 6), torch.randn(8, 3)
     batch = {"x": x, "y": y}
 

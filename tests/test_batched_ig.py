@@ -102,9 +102,9 @@ def test_a_scoring_step_loss_has_the_training_loss_value():
     igu.train()
     batch = token_batch()
     plain = mean_loss(sequence_classification_row_loss)(igu.model, batch)
-    plain = plain + igu.config.orth_reg_weight * igu.orthogonality_loss()  # the default's term
+    plain = plain + igu.igu_config.orth_reg_weight * igu.orthogonality_loss()  # the default's term
     loss = igu.training_loss(batch)
-    assert igu.is_scoring_step() and igu.config.orth_reg_weight > 0
+    assert igu.is_scoring_step() and igu.igu_config.orth_reg_weight > 0
     torch.testing.assert_close(loss, plain, rtol=1e-13, atol=0)
     loss.backward()
     assert any(bool(layer.ig_buffers[1].abs().sum() > 0) for layer in igu.adapters.values())

@@ -14,7 +14,9 @@ BASE = dict(total_step=100, tinit=10, tfinal=20)
     [
         ("target_r", dict(init_r=4, target_r=5)),
         ("init_r", dict(init_r=0)),
-        ("total_step", dict(total_step=None)),
+        ("total_step", dict(total_step=1.5)),
+        ("tinit", dict(tinit=1.0)),
+        ("tfinal", dict(tinit=0.6, tfinal=0.5)),
         ("total_step", dict(total_step=0)),
         ("tfinal", dict(tinit=50, tfinal=50)),
         ("tinit", dict(tinit=-1)),
@@ -50,3 +52,15 @@ def test_round_trip_and_unknown_fields():
     assert config.scaling == config.lora_alpha / config.init_r
     with pytest.raises(ValueError, match="unknown fields.*'rank'"):
         IGULoraConfig.from_dict({**config.to_dict(), "rank": 3})
+
+
+def test_total_step_left_to_the_trainer_and_fractional_phases():
+    config = IGULoraConfig(total_step=None, tinit=0.1, tfinal=0.25)
+    assert config.total_step is None and config.tinit == 0.1  # kept until the run length is known
+    run = config.resolved(40)
+    assert (run.total_step, run.tinit, run.tfinal) == (40, 4, 10)
+    assert IGULoraConfig(total_step=40, tinit=0.1, tfinal=0.25) == run
+    with pytest.raises(ValueError, match="total_step=40 is set already"):
+        run.resolved(50)
+    with pytest.raises(ValueError, match=r"IGULoraConfig\.tfinal="):
+        IGULoraConfig(total_step=None, tinit=0.5, tfinal=0.5).resolved(10)

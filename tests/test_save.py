@@ -69,7 +69,7 @@ def test_from_pretrained_restores_masks_weights_and_allocator(tmp_path):
 
     restored = IGUModel.from_pretrained(tiny_bert(), tmp_path)
     assert restored.rank_pattern == igu.rank_pattern and restored.step == 7
-    assert restored.config == igu.config
+    assert restored.igu_config == igu.igu_config
     for name, t in igu.allocator.triplet_scores().items():
         torch.testing.assert_close(restored.allocator.triplet_scores()[name], t)
     batch = token_batch()

@@ -73,7 +73,7 @@ def test_training_logs_carry_the_allocation_and_the_completeness_check(tmp_path)
     assert logs[0]["rank_budget"] == 4 * len(igu.adapters) and logs[-1]["rank_budget"] == 2 * len(
         igu.adapters
     )
-    assert all(entry["ig_nodes"] == igu.config.ig_steps for entry in logs)
+    assert all(entry["ig_nodes"] == igu.igu_config.ig_steps for entry in logs)
     assert logs[-1]["ig_residual"] == igu.last_check.relative_residual  # the last scoring step's
     assert len({entry["ig_residual"] for entry in logs}) > 1  # one check per scoring step
 
@@ -244,7 +244,7 @@ def test_resuming_from_a_mismatched_checkpoint_fails_before_any_change(tmp_path,
 
         wide = tiny_llama(seed=3)
         wide.model.layers[0].mlp.up_proj = torch.nn.Linear(24, 40, bias=False)
-        run.igu = get_igu_model(wide, IGULoraConfig(**{**run.igu.config.to_dict()}))
+        run.igu = get_igu_model(wide, IGULoraConfig(**{**run.igu.igu_config.to_dict()}))
     before = {n: p.detach().clone() for n, p in run.igu.named_parameters() if p.requires_grad}
     with pytest.raises(ValueError, match=message):
         run.train(resume_from_checkpoint=str(tmp_path / "source" / "checkpoint-2"))

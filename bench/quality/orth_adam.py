@@ -44,9 +44,9 @@ BETA2 = 0.999  # torch.optim.AdamW's default
 
 def task_over_sqrt_v(igu, optimizer, loss_fn, batch, steps: int) -> float:
     """Median over A and B matrices of RMS(task-only gradient of ``batch``) / RMS(sqrt(v))."""
-    weight, igu.config.orth_reg_weight = igu.config.orth_reg_weight, 0.0
+    weight, igu.igu_config.orth_reg_weight = igu.igu_config.orth_reg_weight, 0.0
     loss_fn(batch).backward()
-    igu.config.orth_reg_weight = weight
+    igu.igu_config.orth_reg_weight = weight
     ratios = []
     for layer in igu.adapters.values():
         for p in (layer.lora_A, layer.lora_B):
@@ -85,7 +85,7 @@ def measure(task: str, lr: float, method: str, steps: int, train, tokenizer) -> 
             rows.append(
                 {
                     "step": step + 1,
-                    "orth_from": igu.config.orth_reg_from if igu.config.orth_reg_weight else "-",
+                    "orth_from": igu.igu_config.orth_reg_from if igu.igu_config.orth_reg_weight else "-",
                     "ratio": task_over_sqrt_v(igu, optimizer, loss_fn, batches(step + 1), step + 1),
                     "row_norm": statistics.mean(norms),
                     "loss": statistics.mean(losses[-10:]),

@@ -1,5 +1,14 @@
-"""Hugging Face Trainer integration: the batched IG loss, one allocation per optimizer step, and
-adapter-only checkpoints that resume exactly."""
+"""Hugging Face ``Trainer`` integration: any Trainer subclass trains an :class:`IGUModel`.
+
+``IGUTrainerMixin`` goes in front of a Trainer class (``igu_trainer(MyTrainer)`` builds the
+subclass; ``IGUTrainer`` is the one for ``transformers.Trainer``). It gives the Trainer
+
+- the batched IG loss (:meth:`IGUModel.training_loss`) on training steps, whose value is the
+  training rows' loss (the orthogonality term and the IG rows only add gradient);
+- one allocation per real optimizer step (:class:`IGUCallback`: ``IGUModel.attach`` to the
+  Trainer's optimizer, and ``total_step`` from ``max_steps`` when the config left it unset);
+- adapter-only checkpoints that resume exactly, and the allocation in the training logs.
+"""
 
 from __future__ import annotations
 
@@ -9,66 +18,62 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.utils import find_labels
 
-from igulora.ig import RowLossFn, sequence_classification_row_loss
+from igulora.ig import RowLossFn
 from igulora.model import IGUModel
 
 
 class IGUCallback(TrainerCallback):
-    """Scores and reallocates ranks after every optimizer step (before gradients are zeroed,
-    which the ``gradient`` rule needs). Gradient accumulation is handled: IG adds up over the
-    micro-batches of a step and is consumed once. The Trainer's optimizer is passed on, so that
-    pruned ranks are compacted away with its state (where compaction runs: orth_reg_weight=0).
-
-    fp16: ``loss_scale`` is the GradScaler's scale of this step's backward (set by
-    ``IGUTrainer.compute_loss``: by now Accelerate has updated the scale), and a step Accelerate
-    skipped for inf/NaN (``optimizer.step_was_skipped``) skips the score update.
-    """
+    """At the start of training: sets ``total_step`` from the run's ``max_steps`` when the config
+    left it None, and attaches the allocation step to the Trainer's optimizer
+    (:meth:`IGUModel.attach`: Accelerate's scaler is used under fp16, skipped steps skip the
+    score update). Alone, with a Trainer that computes ``model(**batch)`` itself, the first
+    scoring step raises: such a Trainer needs :class:`IGUTrainerMixin` to score."""
 
     def __init__(self, igu: IGUModel) -> None:
         self.igu = igu
-        self.loss_scale = 1.0
 
-    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
-        skipped = bool(getattr(optimizer, "step_was_skipped", False))
-        self.igu.update_and_allocate(
-            state.global_step, optimizer=optimizer, loss_scale=self.loss_scale, step_skipped=skipped
-        )
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        if self.igu.igu_config.total_step is None:
+            self.igu.set_total_step(state.max_steps)
+        self.igu.attach(optimizer)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.igu.detach()
 
 
-class IGUTrainer(Trainer):
-    """``Trainer`` for an :class:`IGUModel`.
+class IGUTrainerMixin:
+    """Put in front of any ``transformers.Trainer`` subclass to train an :class:`IGUModel`:
+    ``class MyIGUTrainer(IGUTrainerMixin, MyTrainer)``, or ``igu_trainer(MyTrainer)``.
 
-    Training losses come from :meth:`IGUModel.training_loss` (batched IG rows on scoring steps
-    plus the orthogonality regulariser) with ``row_loss_fn``; evaluation uses the model's own
-    loss. Under DDP the IG accumulators are all-reduced before scoring.
-
-    Checkpoints and ``save_model()`` hold what :meth:`IGUModel.save_pretrained` writes (the PEFT
-    adapter and igulora's state: masks, EMAs, step, node generator), never the frozen base;
-    ``train(resume_from_checkpoint=...)`` and ``load_best_model_at_end`` restore it in place.
+    ``row_loss_fn`` is the per-row loss of the batched IG step (default: the model's,
+    :attr:`IGUModel.row_loss_fn`). Evaluation uses the Trainer's own loss. Checkpoints and
+    ``save_model()`` hold what :meth:`IGUModel.save_pretrained` writes, never the frozen base;
+    ``resume_from_checkpoint`` and ``load_best_model_at_end`` restore it in place.
     """
 
-    def __init__(
-        self, model: IGUModel, *args, row_loss_fn: RowLossFn = sequence_classification_row_loss, **kwargs
-    ):
+    def __init__(self, model: IGUModel, *args, row_loss_fn: RowLossFn | None = None, **kwargs):
         if not isinstance(model, IGUModel):
-            raise TypeError(f"IGUTrainer needs an IGUModel (from get_igu_model), got {type(model).__name__}")
+            raise TypeError(
+                f"{type(self).__name__} needs an IGUModel (from get_igu_model), got {type(model).__name__}"
+            )
         super().__init__(model, *args, **kwargs)
         if self.args.label_names is None:  # the Trainer reads them off IGUModel's (*args) forward
             self.label_names = find_labels(type(model.model))  # so evaluation computes the loss
         self.igu = model
         self.row_loss_fn = row_loss_fn
-        # training_loss returns a per-micro-batch mean: let the Trainer divide by accumulation steps.
+        # training_loss is a per-micro-batch mean: the Trainer divides it by the accumulation steps
         self.model_accepts_loss_kwargs = False
-        self.igu_callback = IGUCallback(model)
-        self.add_callback(self.igu_callback)
+        self.add_callback(IGUCallback(model))
+
+    def igu_training_loss(self, model, inputs, row_loss_fn: RowLossFn | None = None) -> torch.Tensor:
+        """The batched IG loss, its value the training rows' loss (what the Trainer logs)."""
+        loss = self.igu.training_loss(inputs, row_loss_fn or self.row_loss_fn, module=model)
+        return loss - (loss - self.igu.last_loss).detach()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not model.training or return_outputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        scaler = getattr(self.accelerator, "scaler", None)  # fp16 on a GPU
-        if scaler is not None and scaler.is_enabled():
-            self.igu_callback.loss_scale = scaler.get_scale()  # the scale this backward carries
-        return self.igu.training_loss(inputs, self.row_loss_fn, module=model)
+        return self.igu_training_loss(model, inputs)
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         """Training logs carry the allocation beside the loss: the budget, the kept triplets, the
@@ -79,8 +84,8 @@ class IGUTrainer(Trainer):
                 **logs,
                 "rank_budget": self.igu.allocator.budget,
                 "active_rank": sum(self.igu.active_ranks.values()),
+                "ig_nodes": self.igu.ig_nodes,
             }
-            logs["ig_nodes"] = self.igu.ig_nodes
             if self.igu.last_check is not None:
                 logs["ig_residual"] = self.igu.last_check.relative_residual
         super().log(logs, *args, **kwargs)
@@ -99,3 +104,13 @@ class IGUTrainer(Trainer):
 
     def _load_best_model(self) -> None:
         self.igu.load_state(self.state.best_model_checkpoint)
+
+
+def igu_trainer(trainer_class: type[Trainer]) -> type[Trainer]:
+    """``trainer_class`` with :class:`IGUTrainerMixin` in front: ``igu_trainer(MyTrainer)(igu, ...)``."""
+    namespace = {"__doc__": IGUTrainerMixin.__doc__}
+    return type(f"IGU{trainer_class.__name__}", (IGUTrainerMixin, trainer_class), namespace)
+
+
+class IGUTrainer(IGUTrainerMixin, Trainer):
+    """``transformers.Trainer`` for an :class:`IGUModel` (see :class:`IGUTrainerMixin`)."""
