@@ -263,3 +263,31 @@ def test_a_checkpoint_of_another_format_version_is_refused(tmp_path):
     meta_path.write_text(json.dumps({**meta, "format_version": 99}))
     with pytest.raises(ValueError, match="unsupported format_version 99"):
         run.igu.load_state(tmp_path / "checkpoint-2")
+
+
+class _CountingTrainer(transformers.Trainer):
+    """A user's Trainer subclass with behaviour of its own (it counts its training steps)."""
+
+    def training_step(self, *args, **kwargs):
+        self.counted = getattr(self, "counted", 0) + 1
+        return super().training_step(*args, **kwargs)
+
+
+def test_any_trainer_subclass_trains_through_the_mixin_like_igu_trainer(tmp_path):
+    """igu_trainer(MyTrainer) keeps MyTrainer's behaviour and gives IGUTrainer's run exactly;
+    total_step comes from max_steps and fractional phases resolve against it."""
+    from igulora import IGULoraConfig
+    from igulora.integrations.trainer import igu_trainer
+
+    reference = _train(tmp_path / "ref", batch_size=8, accumulation=1)
+    c = reference.igu_config
+    fractions = dict(tinit=c.tinit / STEPS, tfinal=c.tfinal / STEPS, total_step=None)
+    igu = get_igu_model(tiny_bert(torch.float64, seed=2), IGULoraConfig(**{**c.to_dict(), **fractions}))
+    trainer = igu_trainer(_CountingTrainer)(igu, args=_args(tmp_path / "sub", 8, 1), train_dataset=_dataset())
+    assert type(trainer).__name__ == "IGU_CountingTrainer"
+    trainer.train()
+    assert trainer.counted == STEPS and igu.igu_config == reference.igu_config
+    assert igu.rank_pattern == reference.rank_pattern
+    for (name, p), q in zip(igu.named_parameters(), reference.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14, msg=name)

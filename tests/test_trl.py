@@ -13,10 +13,11 @@ pytest.importorskip("trl")
 from conftest import char_tokenizer, tiny_llama  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
+from trl.trainer.utils import add_fused_lm_head  # noqa: E402
 
 from igulora import IGULoraConfig, causal_lm_row_loss, get_igu_model  # noqa: E402
 from igulora.integrations.trainer import IGUCallback  # noqa: E402
-from igulora.integrations.trl import IGUSFTTrainer  # noqa: E402
+from igulora.integrations.trl import IGUSFTTrainer, fused_causal_lm_row_loss  # noqa: E402
 
 SUMS = [{"prompt": f"{a}+{b}=", "completion": f"{a + b}"} for a in range(6) for b in range(6)]
 CHATS = [
@@ -59,6 +60,7 @@ def test_sft_trainer_end_to_end_reaches_the_budget_and_loads_in_peft(tmp_path):
 
     tokenizer, model, igu = _setup()
     args = _args(tmp_path, gradient_accumulation_steps=2, gradient_checkpointing=True)
+    assert args.bf16  # TRL's default where the device has it (this CPU does)
     trainer = IGUSFTTrainer(model=igu, args=args, train_dataset=Dataset.from_list(SUMS), processing_class=tokenizer)
     trainer.train()
 
@@ -75,7 +77,7 @@ def test_sft_trainer_end_to_end_reaches_the_budget_and_loads_in_peft(tmp_path):
     batch = tokenizer(["1+2=3", "4+5=9"], return_tensors="pt")
     igu.eval()
     with torch.no_grad():
-        ours = igu(**batch).logits
+        ours = igu.model(**batch).logits  # igu.forward keeps Accelerate's bf16 autocast wrapper
         base = tiny_llama(vocab_size=len(tokenizer))
         before = base(**batch).logits
         peft = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
@@ -87,10 +89,10 @@ def test_sft_trainer_end_to_end_reaches_the_budget_and_loads_in_peft(tmp_path):
 def test_sft_trainer_takes_conversational_data(tmp_path):
     tokenizer, _, igu = _setup()
     trainer = IGUSFTTrainer(
-        model=igu, args=_args(tmp_path, max_steps=3), train_dataset=Dataset.from_list(CHATS), processing_class=tokenizer
+        model=igu, args=_args(tmp_path, max_steps=6), train_dataset=Dataset.from_list(CHATS), processing_class=tokenizer
     )
     trainer.train()
-    assert igu.step == 3 and _ibar(igu).abs().sum() > 0
+    assert igu.step == 6 and _ibar(igu).abs().sum() > 0
 
 
 class _Recording(IGUSFTTrainer):
@@ -116,18 +118,20 @@ def test_sft_trainer_step_equals_the_plain_loop_step_fp64(tmp_path):
         gradient_checkpointing=True,
         lr_scheduler_type="constant",
         max_grad_norm=0.0,
+        bf16=False,
     )
     trainer = _Recording(model=igu, args=args, train_dataset=Dataset.from_list(SUMS), processing_class=tokenizer)
     trainer.batches = []
     trainer.train()
     assert len(trainer.batches) == 6 and any((b["labels"] == -100).any() for b in trainer.batches)
 
+    add_fused_lm_head(plain, outputs=("log_probs",))  # the per-row loss the trainer uses (next test)
     params = [p for p in plain.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=0.0)
     plain.train()
     for step in range(3):
         for batch in trainer.batches[2 * step : 2 * step + 2]:
-            (plain.training_loss(batch, causal_lm_row_loss) / 2).backward()
+            (plain.training_loss(batch, fused_causal_lm_row_loss) / 2).backward()
         optimizer.step()
         plain.update_and_allocate(step, optimizer=optimizer)
         optimizer.zero_grad()
@@ -138,6 +142,20 @@ def test_sft_trainer_step_equals_the_plain_loop_step_fp64(tmp_path):
             torch.testing.assert_close(getattr(igu.adapters[name], p), getattr(layer, p), rtol=1e-10, atol=1e-12)
     for key, value in plain.allocator.ibar.items():
         torch.testing.assert_close(igu.allocator.ibar[key], value, rtol=1e-9, atol=1e-15)
+
+
+def test_fused_row_loss_equals_the_full_logits_row_loss_fp64():
+    """TRL's chunked fused LM head gives igulora's per-sequence causal LM loss and token count
+    (to fp32 rounding: TRL computes the log-probabilities in fp32 even for an fp64 model)."""
+    tokenizer, model, igu = _setup(torch.float64, total_step=4)
+    add_fused_lm_head(igu, outputs=("log_probs",))
+    batch = dict(tokenizer(["1+2=3", "4+5=9 ok", "0+0=0"], return_tensors="pt", padding=True))
+    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    batch["labels"][:, :3] = -100  # completion-only
+    fused, full = fused_causal_lm_row_loss(igu, batch), causal_lm_row_loss(igu, batch)
+    assert fused[0].dtype == torch.float32
+    torch.testing.assert_close(fused[0].double(), full[0], rtol=1e-6, atol=1e-6)
+    assert torch.equal(fused[1], full[1]) and fused[1].min() > 0
 
 
 @pytest.mark.parametrize(
@@ -154,9 +172,9 @@ def test_padding_free_batches_are_refused_at_construction(tmp_path, options, nam
 
 def test_wrapped_packing_keeps_one_sequence_per_row_and_trains(tmp_path):
     tokenizer, _, igu = _setup()
-    args = _args(tmp_path, max_steps=2, packing=True, packing_strategy="wrapped", max_length=16)
+    args = _args(tmp_path, max_steps=6, packing=True, packing_strategy="wrapped", max_length=16)
     IGUSFTTrainer(model=igu, args=args, train_dataset=Dataset.from_list(SUMS), processing_class=tokenizer).train()
-    assert igu.step == 2 and _ibar(igu).abs().sum() > 0
+    assert igu.step == 6 and _ibar(igu).abs().sum() > 0
 
 
 def test_plain_sft_trainer_with_the_callback_alone_fails_loudly(tmp_path):
