@@ -24,14 +24,22 @@ def config(term: float):
     )
 
 
-def train(rank: int, world: int, module_wrapper=None, term: float = 0.0) -> dict:
+def train(rank: int, world: int, module_wrapper=None, term: float = 0.0, accelerator=None) -> dict:
     """Train on this rank's slice of each global batch, with the orthogonality term at ``term``;
     returns masks, adapter weights (compacted to the active ranks where the term is off), the
-    physical ranks and the IG node count after each step."""
+    physical ranks and the IG node count after each step.
+
+    With ``accelerator``: its ``gradient_accumulation_steps`` micro-batches per slice under
+    ``accumulate``, the optimizer prepared too, and ``igu.attach(optimizer)`` allocating instead
+    of update_and_allocate calls. Equal micro-batches of per-micro-batch mean losses, each divided
+    by their number (``accelerator.backward``), add up to the slice's mean loss, as IG does."""
     igu = get_igu_model(tiny_bert(torch.float64, seed=5), config(term))
     igu.train()
     module = module_wrapper(igu) if module_wrapper else igu
     optimizer = torch.optim.SGD([p for p in igu.parameters() if p.requires_grad], lr=0.5)
+    if accelerator is not None:
+        module, optimizer = accelerator.prepare(igu, optimizer)
+        igu.attach(optimizer)
     per_rank = GLOBAL_BATCH // world
     nodes = []
     for step in range(STEPS):
@@ -39,10 +47,20 @@ def train(rank: int, world: int, module_wrapper=None, term: float = 0.0) -> dict
             k: v[rank * per_rank : (rank + 1) * per_rank]
             for k, v in token_batch(GLOBAL_BATCH, 6, seed=step).items()
         }
-        igu.training_loss(batch, module=module).backward()
-        optimizer.step()
-        igu.update_and_allocate(step, optimizer=optimizer)  # compacts: DDP is rebuilt in place
-        optimizer.zero_grad()
+        if accelerator is None:
+            igu.training_loss(batch, module=module).backward()
+            optimizer.step()
+            igu.update_and_allocate(step, optimizer=optimizer)  # compacts: DDP is rebuilt in place
+            optimizer.zero_grad()
+        else:
+            micro = per_rank // accelerator.gradient_accumulation_steps
+            for start in range(0, per_rank, micro):
+                micro_batch = {k: v[start : start + micro] for k, v in batch.items()}
+                with accelerator.accumulate(module):
+                    accelerator.backward(igu.training_loss(micro_batch, module=module))
+                    optimizer.step()  # on the last micro-batch only: the hook allocates then
+                    optimizer.zero_grad()
+            assert igu.step == step + 1, (igu.step, step)  # one allocation per optimizer step
         nodes.append(igu.ig_nodes)
     weights = {n: p.detach().clone() for n, p in igu.named_parameters() if p.requires_grad}
     physical = {n: layer.r for n, layer in igu.adapters.items()}
@@ -50,7 +68,9 @@ def train(rank: int, world: int, module_wrapper=None, term: float = 0.0) -> dict
 
 
 def run(rank: int, world: int, port: int, out_dir: str, launcher: str, term: float) -> None:
-    """Join a 2-process gloo group on loopback, as torchrun would, and train with DDP or Accelerate."""
+    """Join a 2-process gloo group on loopback, as torchrun would, and train with DDP, Accelerate's
+    prepared model (``accelerate``) or Accelerate's accumulation loop with ``igu.attach``
+    (``accelerate-hook``)."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -58,20 +78,25 @@ def run(rank: int, world: int, port: int, out_dir: str, launcher: str, term: flo
         LOCAL_RANK=str(rank),
         WORLD_SIZE=str(world),
     )
-    if launcher == "accelerate":
+    if launcher.startswith("accelerate"):
         from accelerate import Accelerator, DistributedDataParallelKwargs
 
         accelerator = Accelerator(
-            cpu=True, kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)]
+            cpu=True,
+            gradient_accumulation_steps=2 if launcher == "accelerate-hook" else 1,
+            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
         )
-        wrap = accelerator.prepare
     else:
         dist.init_process_group("gloo", rank=rank, world_size=world)
 
-        def wrap(module):
-            return DistributedDataParallel(module, broadcast_buffers=False)
+    def wrap(module):
+        return DistributedDataParallel(module, broadcast_buffers=False)
 
     try:
-        torch.save(train(rank, world, wrap, term), f"{out_dir}/rank{rank}.pt")
+        if launcher == "accelerate-hook":
+            result = train(rank, world, term=term, accelerator=accelerator)
+        else:  # the model wrapped; the loop calls update_and_allocate
+            result = train(rank, world, accelerator.prepare if launcher == "accelerate" else wrap, term)
+        torch.save(result, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()

@@ -18,13 +18,14 @@ def _free_port() -> int:
 
 @pytest.mark.parametrize(
     "launcher, term",
-    [("ddp", 0.0), ("accelerate", 0.0), ("ddp", 0.25)],
-    ids=["ddp", "accelerate", "ddp-orth"],
+    [("ddp", 0.0), ("accelerate", 0.0), ("accelerate-hook", 0.0), ("ddp", 0.25)],
+    ids=["ddp", "accelerate", "accelerate-hook", "ddp-orth"],
 )
 def test_two_process_run_matches_a_single_process_run(tmp_path, launcher, term):
     """Compacted without the orthogonality term; with it (the default) masked, the term's gradient
-    reaching every rank outside DDP's forward."""
-    if launcher == "accelerate":
+    reaching every rank outside DDP's forward. ``accelerate-hook``: Accelerate's accumulation of 2
+    micro-batches per rank and ``igu.attach(optimizer)`` instead of update_and_allocate calls."""
+    if launcher.startswith("accelerate"):
         pytest.importorskip("accelerate")
     mp.spawn(run, args=(2, _free_port(), str(tmp_path), launcher, term), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]

@@ -31,7 +31,9 @@ def _setup(dtype=torch.float32, **config):
     tokenizer = char_tokenizer()
     model = tiny_llama(dtype, vocab_size=len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
-    defaults = dict(target_modules="all-linear", init_r=4, target_r=2, total_step=None, tinit=0.25, tfinal=0.25)
+    defaults = dict(
+        target_modules="all-linear", init_r=4, target_r=2, total_step=None, tinit=0.25, tfinal=0.25
+    )
     return tokenizer, model, get_igu_model(model, IGULoraConfig(**{**defaults, **config}))
 
 
@@ -61,7 +63,9 @@ def test_sft_trainer_end_to_end_reaches_the_budget_and_loads_in_peft(tmp_path):
     tokenizer, model, igu = _setup()
     args = _args(tmp_path, gradient_accumulation_steps=2, gradient_checkpointing=True)
     assert args.bf16  # TRL's default where the device has it (this CPU does)
-    trainer = IGUSFTTrainer(model=igu, args=args, train_dataset=Dataset.from_list(SUMS), processing_class=tokenizer)
+    trainer = IGUSFTTrainer(
+        model=igu, args=args, train_dataset=Dataset.from_list(SUMS), processing_class=tokenizer
+    )
     trainer.train()
 
     assert igu.igu_config.total_step == 8 and igu.igu_config.tinit == 2  # from max_steps and fractions
@@ -89,7 +93,10 @@ def test_sft_trainer_end_to_end_reaches_the_budget_and_loads_in_peft(tmp_path):
 def test_sft_trainer_takes_conversational_data(tmp_path):
     tokenizer, _, igu = _setup()
     trainer = IGUSFTTrainer(
-        model=igu, args=_args(tmp_path, max_steps=6), train_dataset=Dataset.from_list(CHATS), processing_class=tokenizer
+        model=igu,
+        args=_args(tmp_path, max_steps=6),
+        train_dataset=Dataset.from_list(CHATS),
+        processing_class=tokenizer,
     )
     trainer.train()
     assert igu.step == 6 and _ibar(igu).abs().sum() > 0
@@ -120,7 +127,9 @@ def test_sft_trainer_step_equals_the_plain_loop_step_fp64(tmp_path):
         max_grad_norm=0.0,
         bf16=False,
     )
-    trainer = _Recording(model=igu, args=args, train_dataset=Dataset.from_list(SUMS), processing_class=tokenizer)
+    trainer = _Recording(
+        model=igu, args=args, train_dataset=Dataset.from_list(SUMS), processing_class=tokenizer
+    )
     trainer.batches = []
     trainer.train()
     assert len(trainer.batches) == 6 and any((b["labels"] == -100).any() for b in trainer.batches)
@@ -136,10 +145,14 @@ def test_sft_trainer_step_equals_the_plain_loop_step_fp64(tmp_path):
         plain.update_and_allocate(step, optimizer=optimizer)
         optimizer.zero_grad()
 
-    assert plain.rank_pattern == igu.rank_pattern and sum(plain.active_ranks.values()) < 4 * len(plain.adapters)
+    assert plain.rank_pattern == igu.rank_pattern and sum(plain.active_ranks.values()) < 4 * len(
+        plain.adapters
+    )
     for name, layer in plain.adapters.items():
         for p in ("lora_A", "lora_E", "lora_B"):
-            torch.testing.assert_close(getattr(igu.adapters[name], p), getattr(layer, p), rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(
+                getattr(igu.adapters[name], p), getattr(layer, p), rtol=1e-10, atol=1e-12
+            )
     for key, value in plain.allocator.ibar.items():
         torch.testing.assert_close(igu.allocator.ibar[key], value, rtol=1e-9, atol=1e-15)
 
@@ -166,14 +179,19 @@ def test_padding_free_batches_are_refused_at_construction(tmp_path, options, nam
     tokenizer, _, igu = _setup()
     with pytest.raises(ValueError, match=named):
         IGUSFTTrainer(
-            model=igu, args=_args(tmp_path, **options), train_dataset=Dataset.from_list(SUMS), processing_class=tokenizer
+            model=igu,
+            args=_args(tmp_path, **options),
+            train_dataset=Dataset.from_list(SUMS),
+            processing_class=tokenizer,
         )
 
 
 def test_wrapped_packing_keeps_one_sequence_per_row_and_trains(tmp_path):
     tokenizer, _, igu = _setup()
     args = _args(tmp_path, max_steps=6, packing=True, packing_strategy="wrapped", max_length=16)
-    IGUSFTTrainer(model=igu, args=args, train_dataset=Dataset.from_list(SUMS), processing_class=tokenizer).train()
+    IGUSFTTrainer(
+        model=igu, args=args, train_dataset=Dataset.from_list(SUMS), processing_class=tokenizer
+    ).train()
     assert igu.step == 6 and _ibar(igu).abs().sum() > 0
 
 
