@@ -30,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
 
     tune = commands.add_parser("finetune", help="fine-tune a local Hugging Face model on local data")
-    tune.add_argument("--model", required=True, help="directory of a Hugging Face model and tokenizer")
+    tune.add_argument(
+        "--model", required=True, help="a Hugging Face model folder (model and tokenizer), or a .gguf file"
+    )
     tune.add_argument("--data", required=True, help="training data: .jsonl, .csv, .tsv or label-text lines")
     tune.add_argument("--task", required=True, help="classification or causal-lm")
     tune.add_argument("--output-dir", required=True)

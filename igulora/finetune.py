@@ -27,6 +27,7 @@ from igulora.ig import causal_lm_row_loss, sequence_classification_row_loss
 from igulora.metrics import COLUMNS, MetricsLogger, allocation_metrics
 from igulora.model import IGUModel, get_igu_model
 from igulora.plots import rank_heatmap, training_curves
+from igulora.pretrained import load_pretrained, split_gguf
 
 TASKS = ("classification", "causal-lm")
 STATE_FILE = "training_state.pt"
@@ -83,8 +84,10 @@ class FinetuneArgs:
             raise ValueError(f"--max-steps {self.max_steps} must be >= 1")
         if self.save_every < 0 or self.eval_every < 0:
             raise ValueError("--save-every and --eval-every must be >= 0")
-        if not Path(self.model).is_dir():
-            raise FileNotFoundError(f"--model {self.model} is not a directory holding a Hugging Face model")
+        try:
+            split_gguf(self.model)
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"--model: {error}") from None
 
 
 def _target_spec(value: str) -> str | list[str]:
@@ -95,16 +98,15 @@ def _target_spec(value: str) -> str | list[str]:
 
 
 def load_model(args: FinetuneArgs, num_labels: int | None):
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    """(tokenizer, model) from ``--model``: a Hugging Face folder or a ``.gguf`` file."""
+    from transformers import AutoModelForSequenceClassification
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
     if args.task == "classification":
-        model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=num_labels)
+        model, tokenizer = load_pretrained(
+            args.model, AutoModelForSequenceClassification, num_labels=num_labels
+        )
     else:
-        model = AutoModelForCausalLM.from_pretrained(args.model)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model.config.pad_token_id = tokenizer.pad_token_id
+        model, tokenizer = load_pretrained(args.model)
     return tokenizer, model
 
 

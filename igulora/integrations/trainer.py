@@ -56,6 +56,13 @@ class IGUTrainerMixin:
             raise TypeError(
                 f"{type(self).__name__} needs an IGUModel (from get_igu_model), got {type(model).__name__}"
             )
+        objective = _unsupported_trl_trainer(type(self))
+        if objective:
+            raise TypeError(
+                f"{type(self).__name__}: TRL's {objective} trains on a preference or RL objective; "
+                "IGU-LoRA's batched IG scores a per-row supervised loss (SFT). Use IGUSFTTrainer, or "
+                "a loop with igu.training_loss(batch, row_loss_fn) for your own per-row loss"
+            )
         super().__init__(model, *args, **kwargs)
         if self.args.label_names is None:  # the Trainer reads them off IGUModel's (*args) forward
             self.label_names = find_labels(type(model.model))  # so evaluation computes the loss
@@ -104,6 +111,14 @@ class IGUTrainerMixin:
 
     def _load_best_model(self) -> None:
         self.igu.load_state(self.state.best_model_checkpoint)
+
+
+def _unsupported_trl_trainer(trainer_class: type) -> str | None:
+    """The TRL trainer under ``trainer_class`` when it is not SFT (DPO, GRPO, KTO, RLOO, ...)."""
+    trl = [c for c in trainer_class.__mro__ if c.__module__.split(".")[0] == "trl"]
+    if trl and not any(c.__name__ == "SFTTrainer" for c in trl):
+        return trl[0].__name__
+    return None
 
 
 def igu_trainer(trainer_class: type[Trainer]) -> type[Trainer]:
