@@ -10,7 +10,9 @@ from typing import Any
 
 from igulora.config import IGULoraConfig
 
-IGU_FIELDS = frozenset(f.name for f in fields(IGULoraConfig)) | {"orth_reg_from", "scaling"}
+IGU_FIELDS = frozenset(f.name for f in fields(IGULoraConfig)) | {
+    name for name, value in vars(IGULoraConfig).items() if isinstance(value, property)
+}
 
 
 def _deprecated(name: str) -> None:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from igulora.allocator import RankAllocator
+from igulora.attach import ForgottenAllocationGuard, StepAttachment, found_inf
 from igulora.compaction import rebuild_ddp, unknown_optimizer
 from igulora.config import IGULoraConfig
 from igulora.config_view import BaseConfigView
@@ -99,8 +100,9 @@ class IGUModel(nn.Module):
         self.last_loss: torch.Tensor | None = None
         self._node_generator = torch.Generator().manual_seed(config.seed)
         self._allocation_calls = 0
-        self._probe_version = self._adapter_version()
-        self._updates_seen = 0
+        tinit = config.tinit if isinstance(config.tinit, int) else 0  # a fraction of an unknown total
+        first = next(iter(self.adapters.values())).lora_A
+        self._guard = ForgottenAllocationGuard(self, first, tinit + config.delta_t + 1)
         self._ddp: nn.parallel.DistributedDataParallel | None = None  # seen by training_loss
         self._compaction_off: str | None = None  # why compaction stopped for this run
         # ig_steps="auto": the node count; checks: this step's L(theta) - L(0) per micro-batch
@@ -108,9 +110,8 @@ class IGUModel(nn.Module):
         self._loss_gaps: list[torch.Tensor] = []
         self.last_check: Completeness | None = None
         self._scored = False  # whether a training_loss built IG rows since the last allocation
-        self._hooks: list = []  # attach(): the optimizer hook and the GradScaler wrapper
+        self._attachment: StepAttachment | None = None  # attach(): the optimizer hook
         self.row_loss_fn: RowLossFn = default_row_loss(model)
-        self._config_view = BaseConfigView(model.config, config) if hasattr(model, "config") else None
         self.train(model.training)
         # Advertise the wrapped model's forward signature (Trainer keeps only the batch columns
         # that forward accepts).
@@ -118,7 +119,6 @@ class IGUModel(nn.Module):
         self.forward.__signature__ = inspect.signature(model.forward)
 
     def forward(self, *args, **kwargs):
-        self._check_allocation()
         return self.model(*args, **kwargs)
 
     # -- the wrapped model's face -----------------------------------------------------------
@@ -127,14 +127,15 @@ class IGUModel(nn.Module):
     def config(self):
         """The base model's config (what Trainer, TRL and generation read). IGU-LoRA fields read
         through it still work, with a ``DeprecationWarning``: use :attr:`igu_config`."""
-        if self._config_view is None:  # a plain nn.Module has no config of its own
+        base = getattr(self.model, "config", None)
+        if base is None:  # a plain nn.Module has no config of its own
             warnings.warn(
                 "IGUModel.config: use IGUModel.igu_config for the IGU-LoRA config",
                 DeprecationWarning,
                 stacklevel=2,
             )
             return self.igu_config
-        return self._config_view
+        return BaseConfigView(base, self.igu_config)
 
     def __getattr__(self, name: str):
         try:
@@ -148,8 +149,6 @@ class IGUModel(nn.Module):
         """Fix ``total_step`` (and fractional ``tinit`` / ``tfinal``) of a config that left it
         unset; the Trainer integrations call this with the run's ``max_steps``."""
         self.igu_config = self.allocator.config = self.igu_config.resolved(total_step)
-        if self._config_view is not None:
-            object.__setattr__(self._config_view, "_igu", self.igu_config)
 
     def _require_total_step(self) -> None:
         if self.igu_config.total_step is None:
@@ -168,51 +167,26 @@ class IGUModel(nn.Module):
         ``Optimizer.register_step_post_hook`` fires only when the step runs: Accelerate's
         micro-batches that do not sync gradients and a step a ``GradScaler`` skips never reach it.
         Accelerate's ``AcceleratedOptimizer`` is unwrapped and its scaler used. With a scaler
-        (fp16), the IG is unscaled by the scale of this step's backward, and a skipped step
-        (inf/NaN) drops its IG and counts as a skipped score update (``scaler.update`` is
-        wrapped to see it). Attaching again replaces the previous attachment.
+        (fp16), the IG is unscaled by the scale of this step's backward, and a step with inf/NaN
+        gradients drops its IG and counts as a skipped score update, whether the scaler skipped
+        the optimizer or a fused optimizer skipped its update inside (:mod:`igulora.attach`).
+        Attaching again replaces the previous attachment.
         """
         self.detach()
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate.AcceleratedOptimizer
         scaler = grad_scaler if grad_scaler is not None else getattr(optimizer, "scaler", None)
         scaler = scaler if scaler is not None and scaler.is_enabled() else None
 
-        def after_step(opt, args, kwargs) -> None:
-            scale = scaler.get_scale() if scaler is not None else 1.0  # update() comes later
-            self._allocate(self.step, optimizer=inner, loss_scale=scale)
+        def allocate(opt: torch.optim.Optimizer, loss_scale: float, step_skipped: bool) -> None:
+            self._allocate(self.step, optimizer=opt, loss_scale=loss_scale, step_skipped=step_skipped)
 
-        self._hooks.append(inner.register_step_post_hook(after_step))
-        if scaler is not None:
-            self._hooks.append(_ScalerUpdateHook(scaler, inner, self._skipped_step))
+        self._attachment = StepAttachment(inner, scaler, allocate)
 
     def detach(self) -> None:
         """Remove what :meth:`attach` installed."""
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
-
-    def _skipped_step(self, optimizer: torch.optim.Optimizer, loss_scale: float) -> None:
-        self._allocate(self.step, optimizer=optimizer, loss_scale=loss_scale, step_skipped=True)
-
-    def _adapter_version(self) -> int:
-        """In-place updates of the first adapter so far: an optimizer step bumps it."""
-        return next(iter(self.adapters.values())).lora_A._version
-
-    def _check_allocation(self) -> None:
-        """Fail loudly when the optimizer keeps stepping but update_and_allocate() is never called:
-        that would silently train a plain fixed-rank adapter."""
-        if not (self.training and torch.is_grad_enabled()) or self._allocation_calls:
-            return
-        if self._adapter_version() != self._probe_version:
-            self._probe_version = self._adapter_version()
-            self._updates_seen += 1
-        limit = self.igu_config.tinit + self.igu_config.delta_t + 1  # + 1: one load or manual write is fine
-        if self._updates_seen > limit:
-            raise RuntimeError(
-                f"IGU-LoRA: the adapters were updated {self._updates_seen} times but update_and_allocate() "
-                f"was never called (tinit + delta_t + 1 = {limit}). Call igu.update_and_allocate(step) after "
-                "every optimizer.step(), or train with igulora.IGUTrainer."
-            )
+        if self._attachment is not None:
+            self._attachment.remove()
+            self._attachment = None
 
     def train(self, mode: bool = True) -> IGUModel:
         if not mode:
@@ -381,7 +355,7 @@ class IGUModel(nn.Module):
         ``loss_scale`` / ``step_skipped`` say the same for loops that read them elsewhere.
         After :meth:`attach` the hook calls it; calling it as well raises.
         """
-        if self._hooks:
+        if self._attachment is not None:
             raise RuntimeError(
                 "update_and_allocate: igu.attach(optimizer) already allocates after every optimizer "
                 "step; remove this call (or igu.detach() first)"
@@ -403,6 +377,7 @@ class IGUModel(nn.Module):
         self._scored = False
         set_row_plan(self.model, None)
         self._allocation_calls += 1
+        self._guard.remove()  # allocation runs: nothing left to guard
         self.step = step + 1
         self._check_completeness(step, loss_scale, step_skipped)
         pattern = self.allocator.update_and_allocate(step, loss_scale, step_skipped)
@@ -671,6 +646,8 @@ class IGUModel(nn.Module):
         self.allocator.load_state_dict(alloc)
         self.step = int(meta["step"])
         self._allocation_calls = self.step
+        if self.step:  # a run that allocated already
+            self._guard.remove()
         if "node_generator" in state:
             self._node_generator.set_state(state["node_generator"])
         if "node_budget" in meta:
@@ -688,42 +665,13 @@ def scaler_state(grad_scaler: torch.amp.GradScaler) -> tuple[float, bool]:
     """
     if not grad_scaler.is_enabled():
         return 1.0, False
-    found = [
-        found_inf
-        for state in grad_scaler._per_optimizer_states.values()  # the scaler keeps no public record
-        for found_inf in state["found_inf_per_device"].values()
-    ]
-    if not found:
+    skipped = found_inf(grad_scaler)
+    if skipped is None:
         raise RuntimeError(
             "update_and_allocate(grad_scaler=...) must be called after scaler.step(optimizer) and "
             "before scaler.update(): the scaler has no record of this step's inf/NaN check"
         )
-    return grad_scaler.get_scale(), any(bool(f.item()) for f in found)
-
-
-class _ScalerUpdateHook:
-    """Wraps ``scaler.update`` to call ``on_skip(optimizer, scale)`` first when ``scaler.step``
-    skipped ``optimizer``'s step (inf/NaN): the one moment the scaler still knows it did."""
-
-    def __init__(self, scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer, on_skip) -> None:
-        self.scaler = scaler
-        self.replaced = vars(scaler).get("update")  # an earlier wrapper, if any
-        original = scaler.update
-
-        def update(new_scale=None) -> None:
-            state = scaler._per_optimizer_states.get(id(optimizer))  # no public record of a skip
-            found = state["found_inf_per_device"].values() if state else ()
-            if any(bool(f.item()) for f in found):  # scaler.step read the same flags back already
-                on_skip(optimizer, scaler.get_scale())
-            original(new_scale)
-
-        scaler.update = update
-
-    def remove(self) -> None:
-        if self.replaced is None:
-            del self.scaler.update
-        else:
-            self.scaler.update = self.replaced
+    return grad_scaler.get_scale(), skipped
 
 
 def default_row_loss(model: nn.Module) -> RowLossFn:

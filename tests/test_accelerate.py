@@ -105,11 +105,14 @@ def _plain_run(attach: bool = False) -> dict:
     return _snapshot(igu)
 
 
-def test_an_accelerate_loop_with_accumulation_and_attach_matches_the_plain_loop():
+def _accelerate_loop(attach: bool):
+    """(the model, its step after every micro-batch) of an Accelerate loop that never calls
+    update_and_allocate."""
     accelerator = Accelerator(gradient_accumulation_steps=ACCUMULATION, cpu=True)
     igu = _igu()
     model, optimizer = accelerator.prepare(igu, _optimizer(igu))
-    igu.attach(optimizer)
+    if attach:
+        igu.attach(optimizer)
     steps_seen = []
     for step in range(STEPS):
         for batch in _micro_batches(step):
@@ -118,6 +121,11 @@ def test_an_accelerate_loop_with_accumulation_and_attach_matches_the_plain_loop(
                 optimizer.step()
                 optimizer.zero_grad()
             steps_seen.append(igu.step)
+    return igu, steps_seen
+
+
+def test_an_accelerate_loop_with_accumulation_and_attach_matches_the_plain_loop():
+    igu, steps_seen = _accelerate_loop(attach=True)
     # one allocation per optimizer step, after the micro-batch that syncs gradients
     assert steps_seen == [s + i for s in range(STEPS) for i in range(ACCUMULATION)]
     reference = _plain_run()
@@ -213,7 +221,7 @@ def test_a_forgotten_call_still_raises_where_no_hook_is_attached():
     limit = igu.igu_config.tinit + igu.igu_config.delta_t + 1
     with pytest.raises(RuntimeError, match=r"update_and_allocate\(\) was never called"):
         _unallocated_steps(igu, optimizer, limit + 2)
-    assert igu._updates_seen == limit + 1
+    assert igu._guard.steps == limit + 1
 
     igu = _igu()
     optimizer = _optimizer(igu)
@@ -223,16 +231,8 @@ def test_a_forgotten_call_still_raises_where_no_hook_is_attached():
 
 
 def test_a_forgotten_call_still_raises_with_accelerate_where_no_hook_is_attached():
-    accelerator = Accelerator(gradient_accumulation_steps=ACCUMULATION, cpu=True)
-    igu = _igu()
-    model, optimizer = accelerator.prepare(igu, _optimizer(igu))
     with pytest.raises(RuntimeError, match=r"update_and_allocate\(\) was never called"):
-        for step in range(STEPS):
-            for batch in _micro_batches(step):
-                with accelerator.accumulate(model):
-                    accelerator.backward(igu.training_loss(batch, module=model))
-                    optimizer.step()
-                    optimizer.zero_grad()
+        _accelerate_loop(attach=False)
 
 
 def test_detach_stops_the_allocation_and_attaching_again_replaces_the_hook():

@@ -127,7 +127,7 @@ def test_causal_lm_run(tmp_path, tiny_model_dir):
         (["--data", "missing.jsonl"], "data file missing.jsonl does not exist"),
         (["--task", "regression"], "--task 'regression' is not one of classification, causal-lm"),
         (["--text-column", "review"], "no column 'review'"),
-        (["--model", "no-such-dir"], "--model no-such-dir is not a directory"),
+        (["--model", "no-such-dir"], "--model: no-such-dir is neither a Hugging Face model folder"),
     ],
 )
 def test_cli_errors_are_one_line(tmp_path, tiny_model_dir, extra, message):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 
 import pytest
 import torch
@@ -115,11 +116,14 @@ def test_grad_scaler_read_after_update_is_an_error():
 
 
 def test_trainer_fp16_path_unscales_ig_and_skips_what_accelerate_skipped(tmp_path):
+    """IGUCallback attaches the allocation to the Trainer's AcceleratedOptimizer and its
+    GradScaler (fp16 on a GPU; set by hand here): the IG is unscaled by the scale of the backward,
+    and a step the scaler skips leaves the scores alone."""
     from types import SimpleNamespace
 
     import transformers
 
-    from igulora.integrations.trainer import IGUTrainer
+    from igulora.integrations.trainer import IGUCallback, IGUTrainer
 
     batch = token_batch()
     reference = _igu(tiny_bert, ig_every=1)
@@ -131,21 +135,23 @@ def test_trainer_fp16_path_unscales_ig_and_skips_what_accelerate_skipped(tmp_pat
     args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
     trainer = IGUTrainer(igu, args=args)
     trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)  # as fp16 on a GPU
+    trainer.create_optimizer()
+    optimizer = trainer.accelerator.prepare(trainer.optimizer)
+    callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, IGUCallback))
+    callback.on_train_begin(args, SimpleNamespace(max_steps=10), None, optimizer=optimizer)
     igu.train()
-    (2.0**10 * trainer.compute_loss(igu, batch)).backward()  # what accelerator.backward does
-    assert trainer.igu_callback.loss_scale == 2.0**10
-    state = SimpleNamespace(global_step=0)
-    trainer.igu_callback.on_optimizer_step(
-        args, state, None, optimizer=SimpleNamespace(step_was_skipped=False)
-    )
+    trainer.accelerator.backward(trainer.compute_loss(igu, batch))  # scaled by 2^10
+    optimizer.step()
+    assert igu.step == 1 and igu.allocator.num_updates == 1
     for name, value in reference.allocator.ibar.items():
         torch.testing.assert_close(igu.allocator.ibar[name], value, rtol=1e-6, atol=0)
 
+    optimizer.zero_grad()
     before = {k: v.clone() for k, v in igu.allocator.ibar.items()}
-    (2.0**10 * trainer.compute_loss(igu, batch)).backward()
-    state.global_step = 1
-    trainer.igu_callback.on_optimizer_step(
-        args, state, None, optimizer=SimpleNamespace(step_was_skipped=True)
-    )
+    trainer.accelerator.backward(trainer.compute_loss(igu, batch) * float("inf"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # seen as the scaler's skip, not as non-finite importance
+        optimizer.step()  # the Trainer's fused AdamW runs and skips its update inside
+    assert optimizer.optimizer.defaults["fused"] and igu.step == 2
     assert igu.allocator.skipped_updates == 1
     assert all(torch.equal(igu.allocator.ibar[k], v) for k, v in before.items())

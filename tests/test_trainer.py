@@ -94,7 +94,7 @@ def test_forgetting_update_and_allocate_fails_loudly():
             igu.training_loss(batch).backward()
             optimizer.step()
             optimizer.zero_grad()
-    assert igu._updates_seen == 2 + 3 + 2
+    assert igu._guard.steps == 2 + 3 + 2
 
 
 def _lm_trainer_run(tmp_path, checkpointing: bool):

@@ -173,9 +173,14 @@ def test_fused_row_loss_equals_the_full_logits_row_loss_fp64():
 
 @pytest.mark.parametrize(
     "options, named",
-    [(dict(padding_free=True), "padding_free=True"), (dict(packing=True), "packing=True")],
+    [
+        (dict(padding_free=True), "padding_free=True"),
+        (dict(packing=True), "packing=True"),
+        (dict(label_smoothing_factor=0.1), "label_smoothing_factor=0.1"),
+        (dict(loss_type="dft"), "loss_type='dft'"),
+    ],
 )
-def test_padding_free_batches_are_refused_at_construction(tmp_path, options, named):
+def test_options_the_ig_step_cannot_honour_are_refused_at_construction(tmp_path, options, named):
     tokenizer, _, igu = _setup()
     with pytest.raises(ValueError, match=named):
         IGUSFTTrainer(
@@ -225,12 +230,50 @@ def test_igu_model_looks_like_the_model_it_wraps():
     assert copy.deepcopy(igu.config) == model.config
 
 
-@pytest.mark.parametrize("name", ["DPOTrainer", "GRPOTrainer", "KTOTrainer"])
-def test_trl_trainers_with_other_objectives_are_refused_by_name(tmp_path, name):
-    import trl
+@pytest.mark.parametrize(
+    "module, name",
+    [
+        ("trl", "DPOTrainer"),
+        ("trl", "GRPOTrainer"),
+        ("trl", "KTOTrainer"),
+        ("trl.experimental.gkd", "GKDTrainer"),
+    ],
+)
+def test_trl_trainers_with_other_objectives_are_refused_by_name(tmp_path, module, name):
+    """Preference, RL and distillation trainers (GKD subclasses SFTTrainer with its own loss)."""
+    import importlib
 
     from igulora.integrations.trainer import igu_trainer
 
     _, _, igu = _setup()
-    with pytest.raises(TypeError, match=f"TRL's {name} trains on a preference or RL objective"):
-        igu_trainer(getattr(trl, name))(igu, args=_args(tmp_path))
+    trainer_class = getattr(importlib.import_module(module), name)
+    with pytest.raises(TypeError, match=f"TRL's {name} trains on its own objective"):
+        igu_trainer(trainer_class)(igu, args=_args(tmp_path))
+
+
+def test_plain_sft_trainer_without_any_igu_hook_fails_loudly(tmp_path):
+    """TRL replaces the model's forward with its fused head, and its default optimizer is fused
+    AdamW (no version bumps): the forgotten-allocation guard still sees every optimizer step."""
+    tokenizer, _, igu = _setup(total_step=8, tinit=2, tfinal=2, delta_t=1)
+    trainer = SFTTrainer(
+        model=igu,
+        args=_args(tmp_path, optim="adamw_torch_fused"),
+        train_dataset=Dataset.from_list(SUMS),
+        processing_class=tokenizer,
+    )
+    with pytest.raises(RuntimeError, match="update_and_allocate\\(\\) was never called"):
+        trainer.train()
+    assert igu._guard.steps == 2 + 1 + 1 + 1  # one past tinit + delta_t + 1
+
+
+def test_peft_config_and_compute_loss_func_are_refused(tmp_path):
+    from peft import LoraConfig
+
+    tokenizer, _, igu = _setup()
+    data = Dataset.from_list(SUMS)
+    with pytest.raises(ValueError, match="peft_config"):
+        IGUSFTTrainer(model=igu, args=_args(tmp_path), train_dataset=data, peft_config=LoraConfig())
+    with pytest.raises(ValueError, match="compute_loss_func"):
+        IGUSFTTrainer(
+            model=igu, args=_args(tmp_path), train_dataset=data, compute_loss_func=lambda *a, **k: 0
+        )

@@ -32,12 +32,12 @@ class IGUCallback(TrainerCallback):
     def __init__(self, igu: IGUModel) -> None:
         self.igu = igu
 
-    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs) -> None:
         if self.igu.igu_config.total_step is None:
             self.igu.set_total_step(state.max_steps)
         self.igu.attach(optimizer)
 
-    def on_train_end(self, args, state, control, **kwargs):
+    def on_train_end(self, args, state, control, **kwargs) -> None:
         self.igu.detach()
 
 
@@ -56,10 +56,16 @@ class IGUTrainerMixin:
             raise TypeError(
                 f"{type(self).__name__} needs an IGUModel (from get_igu_model), got {type(model).__name__}"
             )
+        if kwargs.get("compute_loss_func") is not None:
+            raise ValueError(
+                f"{type(self).__name__}: compute_loss_func replaces the training loss, and IGU-LoRA's "
+                "batched IG needs its own; pass a per-row loss as row_loss_fn instead"
+            )
         objective = _unsupported_trl_trainer(type(self))
         if objective:
             raise TypeError(
-                f"{type(self).__name__}: TRL's {objective} trains on a preference or RL objective; "
+                f"{type(self).__name__}: TRL's {objective} trains on its own objective (preference, "
+                "RL or distillation); "
                 "IGU-LoRA's batched IG scores a per-row supervised loss (SFT). Use IGUSFTTrainer, or "
                 "a loop with igu.training_loss(batch, row_loss_fn) for your own per-row loss"
             )
@@ -69,7 +75,7 @@ class IGUTrainerMixin:
         self.igu = model
         self.row_loss_fn = row_loss_fn
         # training_loss is a per-micro-batch mean: the Trainer divides it by the accumulation steps
-        self.model_accepts_loss_kwargs = False
+        self.loss_is_scaled_for_ga = False
         self.add_callback(IGUCallback(model))
 
     def igu_training_loss(self, model, inputs, row_loss_fn: RowLossFn | None = None) -> torch.Tensor:
@@ -99,9 +105,9 @@ class IGUTrainerMixin:
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
+        self.igu.save_pretrained(output_dir)  # every rank that gets here: FSDP2 gathers; rank 0 writes
         if not self.args.should_save:
             return
-        self.igu.save_pretrained(output_dir)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))  # as Trainer does
@@ -114,11 +120,10 @@ class IGUTrainerMixin:
 
 
 def _unsupported_trl_trainer(trainer_class: type) -> str | None:
-    """The TRL trainer under ``trainer_class`` when it is not SFT (DPO, GRPO, KTO, RLOO, ...)."""
+    """The TRL trainer under ``trainer_class`` when it is not SFT itself (DPO, GRPO, KTO, RLOO, and
+    GKD / GOLD, which subclass SFTTrainer with a distillation loss)."""
     trl = [c for c in trainer_class.__mro__ if c.__module__.split(".")[0] == "trl"]
-    if trl and not any(c.__name__ == "SFTTrainer" for c in trl):
-        return trl[0].__name__
-    return None
+    return trl[0].__name__ if trl and trl[0].__name__ != "SFTTrainer" else None
 
 
 def igu_trainer(trainer_class: type[Trainer]) -> type[Trainer]:
