@@ -291,3 +291,28 @@ def test_any_trainer_subclass_trains_through_the_mixin_like_igu_trainer(tmp_path
     for (name, p), q in zip(igu.named_parameters(), reference.parameters()):
         if p.requires_grad:
             torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14, msg=name)
+
+
+def test_a_run_with_total_step_from_max_steps_resumes_exactly(tmp_path):
+    """total_step=None and fractional phases: the Trainer sets them from max_steps, the checkpoint
+    records them, and a fresh unresolved model resumes from it to the uninterrupted run."""
+    from trainer_worker import STEPS as LM_STEPS
+    from trainer_worker import trainer
+
+    class StopAt(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step == 6
+
+    unset = dict(total_step=None, tinit=1 / 6, tfinal=1 / 6)
+    full = trainer(str(tmp_path / "full"), config=unset)
+    full.train()
+    assert (full.igu.igu_config.total_step, full.igu.igu_config.tinit) == (LM_STEPS, 2)
+    trainer(str(tmp_path / "run"), [StopAt()], config=unset).train()
+    resumed = trainer(str(tmp_path / "run"), config=unset)
+    assert resumed.igu.igu_config.total_step is None
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-6"))
+    assert resumed.igu.igu_config == full.igu.igu_config and resumed.igu.step == LM_STEPS
+    assert resumed.igu.rank_pattern == full.igu.rank_pattern
+    for (name, p), q in zip(resumed.igu.named_parameters(), full.igu.parameters()):
+        if p.requires_grad:
+            assert torch.equal(p, q), name
