@@ -16,6 +16,16 @@ from igulora.ig import ADAPTER_PARAMS, adapter_layers
 from igulora.layer import IGULoraLinear
 
 
+def triplet_cost(budget_unit: str, in_features: int, out_features: int) -> int:
+    """Budget units one triplet of an ``in_features -> out_features`` adapter costs."""
+    return 1 if budget_unit == "triplets" else in_features + out_features + 1
+
+
+def target_budget(config: IGULoraConfig, features: list[tuple[int, int]]) -> int:
+    """The final budget of adapters with these ``(in, out)`` features: ``target_r`` per adapter."""
+    return round(sum(config.target_r * triplet_cost(config.budget_unit, i, o) for i, o in features))
+
+
 class RankAllocator:
     """Smooths per-element importance and prunes triplets to AdaLoRA's cubic budget.
 
@@ -30,7 +40,8 @@ class RankAllocator:
         self.layers: dict[str, IGULoraLinear] = dict(sorted(adapter_layers(model).items()))
         costs = {name: self.triplet_cost(layer) for name, layer in self.layers.items()}
         self.init_budget = sum(layer.init_r * costs[name] for name, layer in self.layers.items())
-        self.target_budget = round(sum(config.target_r * cost for cost in costs.values()))
+        features = [(layer.in_features, layer.out_features) for layer in self.layers.values()]
+        self.target_budget = target_budget(config, features)
         self.ibar: dict[str, torch.Tensor] = {}
         self.ubar: dict[str, torch.Tensor] = {}
         self.scores: dict[str, torch.Tensor] = {}
@@ -42,9 +53,7 @@ class RankAllocator:
 
     def triplet_cost(self, layer: IGULoraLinear) -> int:
         """Budget units one triplet of ``layer`` costs."""
-        if self.config.budget_unit == "triplets":
-            return 1
-        return layer.in_features + layer.out_features + 1
+        return triplet_cost(self.config.budget_unit, layer.in_features, layer.out_features)
 
     def budget_schedule(self, step: int) -> tuple[int, bool]:
         """(budget at ``step``, whether to reallocate now): AdaLoRA's cubic schedule."""

@@ -147,22 +147,41 @@ class NodeBatch:
     quadrature: Quadrature
 
 
+def batch_rows(batch: Batch) -> int:
+    """The number of rows of a training batch, with an error naming what is wrong with it: not a
+    mapping, a key holding a list (not a tensor), no tensor, tensors of different lengths, no row.
+    Other non-tensor values (flags such as ``use_cache``) are passed to the model as they are."""
+    if not isinstance(batch, Mapping):
+        raise TypeError(f"batch must be a mapping of model inputs (a dict), got {type(batch).__name__}")
+    for key, value in batch.items():
+        if isinstance(value, (list, tuple)):
+            raise TypeError(
+                f"batch[{key!r}] is a {type(value).__name__}; pass tensors (e.g. tokenizer(..., "
+                "return_tensors='pt') or a DataCollator's output)"
+            )
+    sizes = {k: v.shape[0] if v.dim() else None for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    if not sizes:
+        raise ValueError(f"batch holds no tensors (keys: {sorted(batch)})")
+    if len(set(sizes.values())) > 1 or None in sizes.values():
+        raise ValueError(f"batch tensors disagree on the batch size (dim 0): {sizes}")
+    rows = next(iter(sizes.values()))
+    if rows == 0:
+        raise ValueError(f"batch is empty: its tensors have 0 rows ({sorted(sizes)})")
+    return rows
+
+
 def build_node_batch(
     batch: Batch, quad: Quadrature, ig_fraction: float, generator: torch.Generator | None = None
 ) -> NodeBatch:
     """Stack ``batch`` with node copies of a random ``ig_fraction`` sub-batch."""
+    n_train = batch_rows(batch)
     tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
-    if not tensors:
-        raise ValueError("batch holds no tensors")
-    sizes = {k: v.shape[0] for k, v in tensors.items()}
-    n_train = next(iter(sizes.values()))
-    if any(s != n_train for s in sizes.values()):
-        raise ValueError(f"batch tensors disagree on the batch size (dim 0): {sizes}")
     device = next(iter(tensors.values())).device
     n_ig = max(1, math.floor(ig_fraction * n_train + 0.5))  # half rounds up
     ig_index = torch.randperm(n_train, generator=generator)[:n_ig].sort().values.to(device)
     inner = [(a, w) for a, w in quad if a < 1.0]
     stacked = {k: torch.cat([v] + [v[ig_index]] * len(inner)) for k, v in tensors.items()}
+    stacked.update({k: v for k, v in batch.items() if k not in tensors})  # flags, as they are
     n_rows = n_train + n_ig * len(inner)
     scale = torch.ones(n_rows, dtype=torch.float64)
     ig_coef = torch.full((n_rows,), quad.weight_at_one(), dtype=torch.float64)
@@ -330,8 +349,13 @@ def causal_lm_row_loss(model: nn.Module, batch: Batch):
     Labels default to ``input_ids``; positions labelled -100 (and padding) are ignored. Group
     means then equal Hugging Face's token-mean loss.
     """
+    if "labels" not in batch and "input_ids" not in batch:
+        raise ValueError(
+            "causal_lm_row_loss: the batch has neither labels nor input_ids to take them from "
+            f"(keys: {sorted(batch)}); with inputs_embeds, pass labels"
+        )
     logits = _logits(model, batch)
-    labels = batch.get("labels", batch["input_ids"])
+    labels = batch["labels"] if "labels" in batch else batch["input_ids"]
     if "attention_mask" in batch and "labels" not in batch:
         labels = labels.masked_fill(batch["attention_mask"] == 0, -100)
     logits, labels = logits[:, :-1], labels[:, 1:]

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from igulora.allocator import RankAllocator
+from igulora.allocator import RankAllocator, target_budget
 from igulora.attach import ForgottenAllocationGuard, StepAttachment, found_inf
 from igulora.compaction import rebuild_ddp, unknown_optimizer
 from igulora.config import IGULoraConfig
@@ -22,6 +22,7 @@ from igulora.ig import (
     Batch,
     RowLossFn,
     adapter_layers,
+    batch_rows,
     batched_ig_loss,
     build_node_batch,
     causal_lm_row_loss,
@@ -31,7 +32,7 @@ from igulora.ig import (
     set_row_plan,
 )
 from igulora.io import write_json, write_safetensors
-from igulora.layer import IGULoraLinear, quantization
+from igulora.layer import IGULoraLinear, linear_features, quantization
 from igulora.node_budget import Completeness, NodeBudget
 from igulora.quadrature import quadrature
 from igulora.save_format import (
@@ -41,10 +42,19 @@ from igulora.save_format import (
     PEFT_CONFIG,
     PEFT_WEIGHTS,
     check_modules,
+    check_ranks,
+    check_saved_modules,
     read_meta,
     read_state,
 )
-from igulora.targets import find_targets, modules_to_save, name_matches, replace_module
+from igulora.targets import (
+    find_targets,
+    modules_to_save,
+    name_matches,
+    refuse_adapted,
+    refuse_overlap,
+    replace_module,
+)
 
 
 class IGUModel(nn.Module):
@@ -74,8 +84,19 @@ class IGUModel(nn.Module):
 
     def __init__(self, model: nn.Module, config: IGULoraConfig) -> None:
         super().__init__()
+        if isinstance(model, IGUModel):
+            raise ValueError("get_igu_model: the model is an IGUModel already; keep training it")
+        refuse_adapted(model)
         targets = find_targets(model, config)
         saved_modules = modules_to_save(model, config)
+        refuse_overlap(targets, list(saved_modules))
+        features = [linear_features(model.get_submodule(name)) for name in targets]
+        if target_budget(config, features) < 1:
+            raise ValueError(
+                f"IGULoraConfig.target_r={config.target_r}: over {len(targets)} adapters it keeps no "
+                f"{config.budget_unit.rstrip('s')} at all, so every adapter would be pruned; raise target_r"
+            )
+        # every check is done: only now is the model changed
         model.requires_grad_(False)
         for name in targets:
             replace_module(
@@ -306,6 +327,7 @@ class IGUModel(nn.Module):
         sequence classification otherwise).
         """
         self._require_total_step()
+        batch_rows(batch)  # a clear error for a batch that cannot be one
         row_loss_fn = self.row_loss_fn if row_loss_fn is None else row_loss_fn
         module = self if module is None else module
         self._ddp = module if isinstance(module, nn.parallel.DistributedDataParallel) else None
@@ -489,10 +511,30 @@ class IGUModel(nn.Module):
                     f"merge_and_unload: module {name!r} has a quantized base ({kind}); save the adapter "
                     "with save_pretrained and merge it into the unquantized model (PEFT loads it)"
                 )
+        shared = _shared_parameters(self.model)
         for name, layer in self.adapters.items():
+            weight = layer.base_layer.weight
+            if len(shared.get(id(weight), ())) > 1:  # tied (lm_head and the input embeddings)
+                self._untie(name, layer, shared[id(weight)])
             layer.merge()
             replace_module(self.model, name, layer.base_layer)
         return self.model
+
+    def _untie(self, name: str, layer: IGULoraLinear, names: list[str]) -> None:
+        """Give ``layer``'s base its own copy of a weight it shares, so that the merge changes it
+        alone, as PEFT's adapter on it does; the config stops tying word embeddings."""
+        weight = layer.base_layer.weight
+        layer.base_layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+        others = [n for n in names if n != f"{name}.base_layer.weight"]
+        config = getattr(self.model, "config", None)
+        if config is not None and getattr(config, "tie_word_embeddings", False):
+            config.tie_word_embeddings = False
+        warnings.warn(
+            f"merge_and_unload: {name}'s weight was tied to {others}; it gets its own copy so that "
+            "the merge changes it alone (as PEFT's adapter does), and tie_word_embeddings is off",
+            UserWarning,
+            stacklevel=3,
+        )
 
     # -- saving -----------------------------------------------------------------------------
 
@@ -590,6 +632,7 @@ class IGUModel(nn.Module):
         meta, path = read_meta(directory)
         config = IGULoraConfig.from_dict(meta["config"])
         check_modules(model, meta["modules"], path)
+        check_ranks(meta["modules"], config.init_r, path)
         targets = find_targets(model, config)
         if sorted(targets) != sorted(meta["modules"]):
             raise ValueError(
@@ -597,6 +640,7 @@ class IGUModel(nn.Module):
                 f"{sorted(meta['modules'])}"
             )
         state = read_state(Path(directory) / IGU_STATE, meta["modules"])
+        check_saved_modules(modules_to_save(model, config), state, path)
         igu = cls(model, config)  # every check is done: only now is the model changed
         igu._restore(meta, state)
         return igu
@@ -626,6 +670,7 @@ class IGUModel(nn.Module):
                 f"{extra[:4]}, other in/out/r: {shapes[:4]}); another base model?"
             )
         state = read_state(Path(directory) / IGU_STATE, meta["modules"])
+        check_saved_modules({n: self.model.get_submodule(n) for n in self.saved_module_names}, state, path)
         if config is not self.igu_config:
             self.set_total_step(config.total_step)
         self._restore(meta, state)
@@ -672,6 +717,14 @@ def scaler_state(grad_scaler: torch.amp.GradScaler) -> tuple[float, bool]:
             "before scaler.update(): the scaler has no record of this step's inf/NaN check"
         )
     return grad_scaler.get_scale(), skipped
+
+
+def _shared_parameters(model: nn.Module) -> dict[int, list[str]]:
+    """``id(parameter)`` -> every name it has in ``model`` (more than one when tied)."""
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    return names
 
 
 def default_row_loss(model: nn.Module) -> RowLossFn:

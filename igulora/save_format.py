@@ -57,3 +57,27 @@ def check_modules(model: nn.Module, modules: dict[str, list[int]], path: Path) -
                 f"{path}: module {name!r} is {features[0]} -> {features[1]} in this model but "
                 f"{in_features} -> {out_features} in the save (another base model?)"
             )
+
+
+def check_ranks(modules: dict[str, list[int]], init_r: int, path: Path) -> None:
+    """Every saved adapter holds ``init_r`` ranks (the layout the config builds)."""
+    other = {name: r for name, (_, _, r) in modules.items() if r != init_r}
+    if other:
+        name, r = next(iter(other.items()))
+        raise ValueError(
+            f"{path}: the config's init_r={init_r} but adapter {name!r} was saved with {r} ranks "
+            f"({len(other)} adapters differ; an edited igulora_config.json?)"
+        )
+
+
+def check_saved_modules(modules: dict[str, nn.Module], state: dict[str, torch.Tensor], path: Path) -> None:
+    """Every trained whole module (``modules_to_save``) finds its tensors, of its shapes, in the save."""
+    for name, module in modules.items():
+        for key, value in module.state_dict().items():
+            saved = state.get(f"saved.{name}.{key}")
+            if saved is None or saved.shape != value.shape:
+                found = None if saved is None else tuple(saved.shape)
+                raise ValueError(
+                    f"{path.parent / IGU_STATE}: modules_to_save {name}.{key} is {tuple(value.shape)} in "
+                    f"this model but {found} in the save (another head size, num_labels?)"
+                )

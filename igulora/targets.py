@@ -62,3 +62,34 @@ def modules_to_save(model: nn.Module, config: IGULoraConfig) -> dict[str, nn.Mod
             raise ValueError(f"modules_to_save entry {spec!r} matches no module of {type(model).__name__}")
         found.update(matched)
     return found
+
+
+def refuse_adapted(model: nn.Module) -> None:
+    """Adapters on an adapted model would nest (on ``base_layer``, on PEFT's ``lora_A``): refuse,
+    naming the first adapter found."""
+    from igulora.layer import IGULoraLinear
+
+    for name, module in model.named_modules():
+        where = f"module {name!r}" if name else "the model itself"
+        if isinstance(module, IGULoraLinear):
+            raise ValueError(
+                f"get_igu_model: {type(model).__name__} already has IGU-LoRA adapters ({where}); "
+                "keep training that IGUModel, or start from the base model"
+            )
+        if type(module).__module__.split(".")[0] == "peft":
+            raise ValueError(
+                f"get_igu_model: {type(model).__name__} carries PEFT adapters ({where} is a "
+                f"{type(module).__name__}); merge_and_unload() them first, or start from the base model"
+            )
+
+
+def refuse_overlap(targets: list[str], saved: list[str]) -> None:
+    """A module both adapted and trained whole would train its base weight and save it in a form
+    PEFT cannot load."""
+    for target in targets:
+        for whole in saved:
+            if target == whole or target.startswith(whole + "."):
+                raise ValueError(
+                    f"IGULoraConfig: module {target!r} is selected by target_modules and, through "
+                    f"modules_to_save entry {whole!r}, trained whole; leave it out of one (exclude_modules)"
+                )
