@@ -88,8 +88,8 @@ def _finetune(args) -> None:
     values = {k: v for k, v in vars(args).items() if k != "command"}
     try:
         final = run_finetune(FinetuneArgs(**values))
-    except (DataError, FinetuneError, FileNotFoundError, ValueError) as error:
-        raise CliError(str(error)) from None
+    except (DataError, FinetuneError, OSError, ValueError) as error:  # OSError: unwritable, disk full, ...
+        raise CliError(" ".join(str(error).split())) from None  # one line, whatever the message holds
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in final.items()))
 
 

@@ -96,12 +96,67 @@ def load_examples(
     for number, record in enumerate(records, 1):
         label = None
         if task == "classification":
-            try:
-                label = int(record[label_column])
-            except (TypeError, ValueError):
-                raise DataError(
-                    f"{path}: example {number}: label {record[label_column]!r} is not an integer"
-                ) from None
+            label = _integer(record[label_column])
+            if label is None:
+                raise DataError(f"{path}: example {number}: label {record[label_column]!r} is not an integer")
         pair = str(record[text_pair_column]) if text_pair_column else None
         examples.append(Example(str(record[text_column]), pair, label))
     return examples
+
+
+def _integer(value) -> int | None:
+    """``value`` as an integer label (an int, an integral float, or the text of an integer), or None;
+    ``int()`` alone would turn JSON's 1.5 into 1 and ``true`` into 1."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _listing(values, most: int = 8) -> str:
+    values = sorted(values)
+    shown = ", ".join(str(v) for v in values[:most])
+    return shown + (f", ... ({len(values)} in all)" if len(values) > most else "")
+
+
+def class_count(
+    train: list[Example],
+    evals: list[Example] = (),
+    *,
+    label_column: str = "label",
+    data: str | Path = "--data",
+    eval_data: str | Path | None = None,
+) -> int:
+    """K, the number of classes of a classification run, once the labels are checked to be class
+    indices: the training labels are exactly 0..K-1 with K >= 2, and every evaluation label is one
+    of them. Anything else (one class, a negative label, 1-based labels, a gap, an evaluation
+    class never trained) is a DataError naming the label column and the classes found."""
+    column = f"--label-column {label_column!r}"
+    found = {e.label for e in train}
+    negative = sorted(v for v in found | {e.label for e in evals} if v < 0)
+    if negative:
+        raise DataError(f"{column}: label {negative[0]} is negative; labels must be class indices 0..K-1")
+    if len(found) < 2:
+        raise DataError(
+            f"{column}: {data} has one class ({_listing(found)}); classification needs at least 2 "
+            "distinct labels"
+        )
+    k = max(found) + 1
+    missing = sorted(set(range(k)) - found)
+    if missing:
+        hint = " (1-based labels? subtract 1)" if missing == [0] else ""
+        raise DataError(
+            f"{column}: labels must be class indices 0..K-1, but {data} has {_listing(found)} and lacks "
+            f"{_listing(missing)}{hint}"
+        )
+    unseen = {e.label for e in evals} - found
+    if unseen:
+        raise DataError(
+            f"{column}: {eval_data or 'the evaluation data'} has label {_listing(unseen)}, which {data} "
+            f"never has (its classes: {_listing(found)})"
+        )
+    return k

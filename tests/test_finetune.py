@@ -102,12 +102,17 @@ def test_tiny_classification_run_writes_a_peft_adapter(tmp_path, tiny_model_dir)
 
 
 def test_resume_from_a_checkpoint_is_exact(tmp_path, tiny_model_dir):
+    """Also in another folder, and with other --save-every / --eval-every (RESUME_FREE): those
+    decide what is saved and evaluated, never a trained value."""
     full = tmp_path / "full"
     run_finetune(_args(full, tiny_model_dir / "bert"))
     part = tmp_path / "part"
     (part / "run").mkdir(parents=True)
     shutil.copytree(full / "run" / "checkpoint-4", part / "run" / "checkpoint-4")
-    run_finetune(_args(part, tiny_model_dir / "bert", resume=True))
+    data = str(full / "train.jsonl")  # the same data file: --data decides the run
+    free = dict(save_every=3, eval_every=5)
+    run_finetune(_args(part, tiny_model_dir / "bert", resume=True, data=data, eval_data=data, **free))
+    assert latest_checkpoint(part / "run").name == "checkpoint-9"
     a, b = (load_file(str(d / "run" / "igulora_state.safetensors")) for d in (full, part))
     assert a.keys() == b.keys()
     for key in a:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from conftest import (
 from safetensors.torch import load_file
 
 from igulora import IGULoraConfig, IGULoraLinear, IGUModel, get_igu_model
+from igulora.cli import main
 from igulora.finetune import FinetuneArgs, FinetuneError, run_finetune
 
 
@@ -79,6 +81,85 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_model_di
         assert all(torch.equal(full[k], resumed[k]) for k in full), name
     rows = (out / "metrics.csv").read_text().splitlines()
     assert [int(r.split(",")[0]) for r in rows[1:]] == list(range(60))
+
+
+def _short_run(model_dir, data, out, *extra):
+    """``igulora finetune`` argv of a 12-step run, checkpoints every 4 steps."""
+    argv = _finetune_cmd(model_dir, data, out, "--max-steps", "12", "--save-every", "4", "--batch-size", "8")
+    return argv[3:] + ["--eval-data", str(data), *extra]  # after "python -m igulora.cli"
+
+
+def _files(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _error_line(capsys, argv) -> str:
+    code = main(argv)
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if "Loading weights" not in line]
+    assert code == 2 and len(err) == 1 and err[0].startswith("igulora finetune: error: "), (code, err)
+    return err[0]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_model_dir):
+    """(argv, folder) of a finished 12-step run: adapter, final_metrics.json, checkpoints 4 and 8."""
+    root = tmp_path_factory.mktemp("finished")
+    argv = _short_run(tiny_model_dir / "bert", write_sentiment_jsonl(root / "train.jsonl"), root / "run")
+    assert main(argv) == 0
+    assert (root / "run" / "final_metrics.json").is_file() and (root / "run" / "checkpoint-8").is_dir()
+    return argv, root / "run"
+
+
+def test_resume_with_other_arguments_refuses_naming_each_and_changes_nothing(finished_run, capsys):
+    """Issue #34: this exited 0, put checkpoint-8's continuation over the finished adapter, cut
+    metrics.csv and recorded an --init-r and --lr that were never used."""
+    argv, out = finished_run
+    before = _files(out)
+    line = _error_line(capsys, [*argv, "--resume", "--max-steps", "6", "--init-r", "4", "--lr", "1e-3"])
+    for differ in ("--max-steps: checkpoint 12, now 6", "--init-r: checkpoint 3, now 4", "--lr: checkpoint"):
+        assert differ in line, line
+    assert "--lr: checkpoint 0.005, now 0.001" in line and "nothing was changed" in line
+    assert _files(out) == before
+
+
+def test_resume_cannot_extend_a_finished_run(finished_run, capsys):
+    argv, out = finished_run
+    before = _files(out)
+    line = _error_line(capsys, [*argv, "--resume", "--max-steps", "20"])
+    assert "--max-steps: checkpoint 12, now 20" in line
+    assert "train a longer one in another --output-dir" in line
+    assert _files(out) == before
+
+
+def test_a_run_without_resume_refuses_a_folder_that_holds_a_run(finished_run, capsys):
+    argv, out = finished_run
+    before = _files(out)
+    line = _error_line(capsys, argv)
+    assert f"--output-dir {out} holds a run already (args.json, final_metrics.json" in line
+    assert "pass --resume" in line
+    assert _files(out) == before
+
+
+def test_resuming_a_finished_run_says_so_and_writes_nothing(finished_run, capsys):
+    """--save-every, --eval-every and --no-progress may differ: they never change a trained value."""
+    argv, out = finished_run
+    before = _files(out)
+    assert main([*argv, "--resume", "--save-every", "3", "--eval-every", "2"]) == 0
+    captured = capsys.readouterr()
+    assert "is finished already (step 12); nothing to do" in captured.err
+    assert captured.out.startswith("step=12 loss=")
+    assert _files(out) == before
+
+
+def test_resume_from_a_checkpoint_with_other_arguments_refuses(finished_run, tmp_path, capsys):
+    """An unfinished run: its checkpoint records the arguments it was trained with."""
+    argv, out = finished_run
+    shutil.copytree(out / "checkpoint-8", tmp_path / "run" / "checkpoint-8")
+    before = _files(tmp_path / "run")
+    moved = [str(tmp_path / "run") if a == str(out) else a for a in argv]
+    line = _error_line(capsys, [*moved, "--resume", "--lr", "1e-3", "--group-by-length"])
+    assert "(--group-by-length: checkpoint False, now True; --lr: checkpoint 0.005, now 0.001)" in line
+    assert _files(tmp_path / "run") == before
 
 
 def test_non_finite_steps_are_skipped_and_never_reach_the_emas():
