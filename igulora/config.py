@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
+import re
+import sys
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -12,6 +16,112 @@ from igulora.quadrature import RULES
 BUDGET_UNITS = ("triplets", "parameters")
 PRUNE_MODES = ("mask", "zero")
 INITS = ("adalora", "lora")
+
+Accepts = Callable[[Any], bool]
+
+
+def _integer(ge: int, lt: int | None = None) -> Accepts:
+    """An int (a bool is not one) in ``[ge, lt)``."""
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= ge and (lt is None or v < lt)
+
+
+def _number(
+    *,
+    gt: float = -math.inf,
+    ge: float = -sys.float_info.max,
+    lt: float = math.inf,
+    le: float = sys.float_info.max,
+) -> Accepts:
+    """An int or float (a bool is not one) in the bounds given, finite as a float: infinities and
+    ints too large for a float fail the default bounds, NaN every comparison."""
+    return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and gt < v < lt and ge <= v <= le
+
+
+def _choice(*options: str) -> Accepts:
+    return lambda v: isinstance(v, str) and v in options
+
+
+def _constant(*values: Any) -> Accepts:
+    """One of ``values`` itself (None, True, False: ``0`` is not ``False``)."""
+    return lambda v: any(v is c for c in values)
+
+
+def _names(min_size: int = 0) -> Accepts:
+    """A list or tuple of module names."""
+    return lambda v: (
+        isinstance(v, (list, tuple)) and len(v) >= min_size and all(isinstance(n, str) for n in v)
+    )
+
+
+def _regex(v: Any) -> bool:
+    """A non-empty string that compiles (matched against full module names)."""
+    if not isinstance(v, str) or not v:
+        return False
+    try:
+        re.compile(v)
+    except re.error:
+        return False
+    return True
+
+
+def _either(*alternatives: Accepts) -> Accepts:
+    return lambda v: any(accepts(v) for accepts in alternatives)
+
+
+_NONE = _constant(None)
+_STEPS_OR_FRACTION = (
+    _either(_integer(0), _number(ge=0, lt=1)),
+    "a step count (an integer >= 0) or a fraction of total_step in [0, 1)",
+)
+_BETA = (_number(gt=0, lt=1), "a number in (0, 1)")
+_AT_LEAST_ONE = (_integer(1), "an integer >= 1")
+# Every field of IGULoraConfig: what it accepts, and how the error says so. Checked one by one
+# before the checks that tie fields together; a bool is never a number, an int is a float.
+FIELD_RULES: dict[str, tuple[Accepts, str]] = {
+    "target_modules": (
+        _either(_names(1), _regex),
+        "a non-empty list of module names, a regex or 'all-linear'",
+    ),
+    "exclude_modules": (_either(_NONE, _names(), _regex), "None, a list of module names or a regex"),
+    "modules_to_save": (
+        _either(_NONE, _names()),
+        "None or a list of module names such as ['classifier'] (a bare string is not read as one name)",
+    ),
+    "init_r": _AT_LEAST_ONE,
+    "target_r": (_number(gt=0), "a number > 0 (an average rank per layer; 0 would prune every adapter)"),
+    "lora_alpha": (_number(gt=0), "a number > 0"),
+    "lora_dropout": (_number(ge=0, lt=1), "a number in [0, 1)"),
+    "init": (_choice(*INITS), f"one of {INITS}"),
+    "prune_mode": (_choice(*PRUNE_MODES), f"one of {PRUNE_MODES}"),
+    "compact": (_constant(None, True, False), "None (on where exact), True or False"),
+    "total_step": (
+        _either(_NONE, _integer(1)),
+        "the optimizer steps (an integer >= 1), or None for a Trainer to set",
+    ),
+    "tinit": _STEPS_OR_FRACTION,
+    "tfinal": _STEPS_OR_FRACTION,
+    "delta_t": _AT_LEAST_ONE,
+    "budget_unit": (_choice(*BUDGET_UNITS), f"one of {BUDGET_UNITS}"),
+    "beta1": _BETA,
+    "beta2": _BETA,
+    "score": (_choice(*SCORES), f"one of {SCORES}"),
+    "score_eps": (_number(ge=0), "a number >= 0"),
+    "orth_reg_weight": (_number(ge=0), "a number >= 0"),
+    "orth_reg_start": (
+        _either(_integer(0), _choice("tinit")),
+        "an optimizer step (an integer >= 0) or 'tinit'",
+    ),
+    "ig_rule": (_choice(*RULES), f"one of {RULES}"),
+    "ig_steps": (_either(_integer(1), _choice("auto")), "an integer >= 1 or 'auto'"),
+    "ig_tolerance": (_number(gt=0), "a number > 0"),
+    "ig_max_steps": _AT_LEAST_ONE,
+    "ig_residual": (_constant(True, False), "True or False"),
+    "ig_every": _AT_LEAST_ONE,
+    "ig_fraction": (_number(gt=0, le=1), "a number in (0, 1]"),
+    "stochastic_grid": _AT_LEAST_ONE,
+    "seed": (_integer(0, 2**64), "an integer in [0, 2**64) (a torch.Generator seed)"),
+    "base_model_name_or_path": (_either(_NONE, lambda v: isinstance(v, str)), "None or a string"),
+}
 
 
 @dataclass
@@ -53,6 +163,11 @@ class IGULoraConfig:
     off and lets ``compact`` run) adds AdaLoRA's orthogonality term (method.md) from optimizer step
     ``orth_reg_start`` on (``"tinit"``: once the initial phase has grown E; from step 0 its gradient
     alone fills Adam's second moments of A and B while E = 0, docs/results.md).
+
+    Each field is checked on construction (and by :meth:`from_dict`, for a JSON save) against its
+    entry of ``FIELD_RULES``, its type (a bool is not a number, an int is a float) and range, then
+    against the fields it depends on; a bad value raises ``ValueError`` with a message starting
+    ``IGULoraConfig.<field>=<value>:``.
     """
 
     target_modules: list[str] | str = "all-linear"
@@ -95,59 +210,27 @@ class IGULoraConfig:
         def fail(name: str, why: str) -> None:
             raise ValueError(f"IGULoraConfig.{name}={getattr(self, name)!r}: {why}")
 
-        if isinstance(self.target_modules, (list, tuple)):
-            if not self.target_modules or not all(isinstance(t, str) for t in self.target_modules):
-                fail("target_modules", "must be a non-empty list of names, a regex or 'all-linear'")
-            self.target_modules = list(self.target_modules)
-        elif not isinstance(self.target_modules, str) or not self.target_modules:
-            fail("target_modules", "must be a non-empty list of names, a regex or 'all-linear'")
-        if not isinstance(self.init_r, int) or self.init_r < 1:
-            fail("init_r", "must be an integer >= 1")
-        if isinstance(self.target_r, bool) or not isinstance(self.target_r, (int, float)):
-            fail("target_r", f"must be a number in [0, init_r={self.init_r}]")
-        if not 0 <= self.target_r <= self.init_r:
-            fail("target_r", f"must be in [0, init_r={self.init_r}] (an average rank per layer)")
-        if not self.lora_alpha > 0:
-            fail("lora_alpha", "must be > 0")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            fail("lora_dropout", "must be in [0, 1)")
-        for name, allowed in (
-            ("init", INITS),
-            ("prune_mode", PRUNE_MODES),
-            ("budget_unit", BUDGET_UNITS),
-            ("score", SCORES),
-            ("ig_rule", RULES),
-        ):
-            if getattr(self, name) not in allowed:
-                fail(name, f"must be one of {allowed}")
+        for name, (accepts, what) in FIELD_RULES.items():  # each field alone: its type and range
+            if not accepts(getattr(self, name)):
+                fail(name, f"must be {what}")
+        for name in ("target_modules", "exclude_modules", "modules_to_save"):
+            if isinstance(getattr(self, name), tuple):  # a list, as to_dict / JSON give back
+                setattr(self, name, list(getattr(self, name)))
+        # then the fields that depend on one another
+        if self.target_r > self.init_r:
+            fail("target_r", f"must be at most init_r={self.init_r} (an average rank per layer)")
         total = self.total_step
-        if total is not None and (isinstance(total, bool) or not isinstance(total, int) or total < 1):
-            fail("total_step", "must be the optimizer steps (an integer >= 1), or None for a Trainer to set")
         for name in ("tinit", "tfinal"):
             value = getattr(self, name)
-            if isinstance(value, float) and 0.0 <= value < 1.0:
-                if total is not None:  # a fraction of the run, resolved once total_step is known
-                    setattr(self, name, round(value * total))
-            elif isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                fail(name, "must be a step count (an integer >= 0) or a fraction of total_step in [0, 1)")
+            if isinstance(value, float) and total is not None:  # a fraction, resolved once total is known
+                setattr(self, name, round(value * total))
         if total is not None and self.tinit + self.tfinal >= total:
             fail(
                 "tfinal",
                 f"tinit + tfinal = {self.tinit + self.tfinal} leaves no budget phase before "
                 f"total_step={total}",
             )
-        for name in ("beta1", "beta2"):
-            if not 0.0 < getattr(self, name) < 1.0:
-                fail(name, "must be in (0, 1)")
-        auto = self.ig_steps == "auto"
-        if not auto and (isinstance(self.ig_steps, bool) or not isinstance(self.ig_steps, int)):
-            fail("ig_steps", "must be an integer >= 1 or 'auto'")
-        for name in ("delta_t", "ig_every", "stochastic_grid", "ig_max_steps") + (
-            () if auto else ("ig_steps",)
-        ):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                fail(name, "must be an integer >= 1")
-        if auto and self.ig_rule != "gauss_legendre":
+        if self.ig_steps == "auto" and self.ig_rule != "gauss_legendre":
             fail("ig_steps", f"'auto' chooses Gauss-Legendre node counts; ig_rule={self.ig_rule!r}")
         if self.ig_residual and self.ig_rule not in ("gauss_legendre", "riemann_middle"):
             fail(
@@ -155,25 +238,12 @@ class IGULoraConfig:
                 f"needs every node on the IG rows (gauss_legendre, riemann_middle); ig_rule="
                 f"{self.ig_rule!r} evaluates its alpha = 1 node on the training batch",
             )
-        if not self.ig_tolerance > 0:
-            fail("ig_tolerance", "must be > 0")
-        if not 0.0 < self.ig_fraction <= 1.0:
-            fail("ig_fraction", "must be in (0, 1]")
-        if self.score_eps < 0:
-            fail("score_eps", "must be >= 0")
-        if self.orth_reg_weight < 0:
-            fail("orth_reg_weight", "must be >= 0")
-        start = self.orth_reg_start
-        if start != "tinit" and (isinstance(start, bool) or not isinstance(start, int) or start < 0):
-            fail("orth_reg_start", "must be an optimizer step (an integer >= 0) or 'tinit'")
         if self.orth_reg_weight > 0 and total is not None and self.orth_reg_from >= total:
             fail(
                 "orth_reg_start",
                 f"starts the orthogonality term at step {self.orth_reg_from}, at or past "
                 f"total_step={self.total_step}: it would never apply",
             )
-        if self.compact not in (None, True, False):
-            fail("compact", "must be None (on where exact), True or False")
 
     def resolved(self, total_step: int) -> IGULoraConfig:
         """This config with ``total_step`` set (fractional ``tinit`` / ``tfinal`` become steps);
@@ -205,7 +275,13 @@ class IGULoraConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> IGULoraConfig:
+    def from_dict(cls, data: Mapping[str, Any]) -> IGULoraConfig:
+        """The config of ``to_dict`` (an ``igulora_config.json``): unknown fields and values of the
+        wrong type or range raise the constructor's errors, each naming its field."""
+        if not isinstance(data, Mapping):
+            raise ValueError(
+                f"IGULoraConfig.from_dict: expected a mapping of fields, got {type(data).__name__}"
+            )
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import math
+import re
+from dataclasses import fields
+
 import pytest
 
 from igulora import IGULoraConfig
+from igulora.config import FIELD_RULES
 
 BASE = dict(total_step=100, tinit=10, tfinal=20)
 
@@ -64,3 +70,99 @@ def test_total_step_left_to_the_trainer_and_fractional_phases():
         run.resolved(50)
     with pytest.raises(ValueError, match=r"IGULoraConfig\.tfinal="):
         IGULoraConfig(total_step=None, tinit=0.5, tfinal=0.5).resolved(10)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [  # issue #34: accepted, then failing later without the field's name
+        ("modules_to_save", "classifier"),
+        ("modules_to_save", 123),
+        ("modules_to_save", ["classifier", 3]),
+        ("exclude_modules", 123),
+        ("exclude_modules", "("),
+        ("target_modules", "("),
+        ("target_modules", {"query": 1}),
+        ("seed", "x"),
+        ("seed", -1),
+        ("seed", 2**64),
+        ("seed", 1.0),
+        ("target_r", 0),  # prunes every adapter: save_pretrained then fails
+        ("target_r", True),
+        ("target_r", math.nan),
+        ("init_r", True),
+        ("init_r", 2.0),
+        ("lora_alpha", "32"),
+        ("lora_alpha", math.inf),
+        ("lora_alpha", 10**400),  # an int no float holds
+        ("lora_dropout", None),
+        ("beta1", True),
+        ("score_eps", -1e-9),
+        ("score_eps", None),
+        ("ig_tolerance", 0),
+        ("orth_reg_weight", math.nan),
+        ("total_step", True),
+        ("tinit", True),
+        ("tfinal", "0.1"),
+        ("delta_t", 1.0),
+        ("ig_steps", True),
+        ("ig_steps", "Auto"),
+        ("ig_max_steps", 0),
+        ("stochastic_grid", None),
+        ("ig_every", False),
+        ("compact", 0),
+        ("compact", "yes"),
+        ("ig_residual", 1),
+        ("ig_residual", None),
+        ("init", None),
+        ("score", ["snr"]),
+        ("base_model_name_or_path", 7),
+    ],
+)
+def test_each_field_is_type_and_range_checked_by_name(field, value):
+    message = rf"^IGULoraConfig\.{field}={re.escape(repr(value))}: must be "
+    with pytest.raises(ValueError, match=message):
+        IGULoraConfig(**{**BASE, field: value})
+
+
+def test_every_field_has_a_rule_in_field_order():
+    assert list(FIELD_RULES) == [f.name for f in fields(IGULoraConfig)]
+
+
+def test_a_bare_string_for_modules_to_save_suggests_a_list():
+    with pytest.raises(ValueError, match=r"a list of module names such as \['classifier'\]"):
+        IGULoraConfig(modules_to_save="classifier")
+
+
+def test_ints_where_floats_go_none_where_allowed_and_tuples_become_lists():
+    config = IGULoraConfig(
+        target_modules=("query", "value"),
+        exclude_modules=("value",),
+        modules_to_save=("classifier",),
+        lora_alpha=16,
+        lora_dropout=0,
+        score_eps=0,
+        ig_tolerance=1,
+        ig_fraction=1,
+        compact=False,
+        total_step=None,
+        base_model_name_or_path=None,
+        seed=2**64 - 1,
+    )
+    assert (config.target_modules, config.exclude_modules, config.modules_to_save) == (
+        ["query", "value"],
+        ["value"],
+        ["classifier"],
+    )
+    assert IGULoraConfig.from_dict(json.loads(config.to_json())) == config
+
+
+@pytest.mark.parametrize(
+    "field, value", [("seed", "x"), ("modules_to_save", "classifier"), ("target_r", 0), ("compact", 1)]
+)
+def test_an_edited_json_config_raises_the_same_named_errors(field, value):
+    data = json.loads(IGULoraConfig(**BASE).to_json())
+    data[field] = value
+    with pytest.raises(ValueError, match=rf"^IGULoraConfig\.{field}="):
+        IGULoraConfig.from_dict(data)
+    with pytest.raises(ValueError, match="IGULoraConfig.from_dict: expected a mapping"):
+        IGULoraConfig.from_dict([field])
