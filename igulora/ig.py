@@ -334,6 +334,11 @@ def _logits(model: nn.Module, batch: Batch) -> torch.Tensor:
 
 def sequence_classification_row_loss(model: nn.Module, batch: Batch):
     """Cross-entropy (or MSE for one output) per example; ``batch["labels"]`` holds targets."""
+    if "labels" not in batch:
+        raise ValueError(
+            f"sequence_classification_row_loss: batch['labels'] is missing (keys: {sorted(batch)}); "
+            "a causal LM takes causal_lm_row_loss"
+        )
     logits = _logits(model, batch)
     labels = batch["labels"]
     if logits.shape[-1] == 1:

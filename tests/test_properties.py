@@ -22,8 +22,12 @@ from igulora.config import BUDGET_UNITS, FIELD_RULES, INITS, PRUNE_MODES
 from igulora.ig import ADAPTER_PARAMS
 from igulora.quadrature import RULES
 
+# derandomize: CI draws the same examples every run, so a property never fails by the draw alone
 SETTINGS = settings(
-    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 
 
