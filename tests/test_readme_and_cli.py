@@ -177,3 +177,14 @@ def test_readme_smollm2_recipe_fine_tunes_a_real_llm_and_the_adapter_loads_in_pe
         theirs = peft(**batch).logits
     mask = batch["attention_mask"].bool()
     torch.testing.assert_close(theirs[mask], ours[mask], rtol=1e-4, atol=1e-4)
+
+
+def test_every_test_the_reliability_section_names_exists():
+    section = README[README.index("## Reliability") : README.index("## API")]
+    cited, file = [], None
+    for path, name in re.findall(r"`([\w/.]*test_\w+\.py)?::(\w+)`", section):
+        file = path or file
+        cited.append((file, name))
+    assert len(cited) >= 20
+    missing = [(f, n) for f, n in cited if f"def {n}(" not in (ROOT / "tests" / f).read_text()]
+    assert not missing, missing
