@@ -205,6 +205,17 @@ def write_sentiment_jsonl(path, n=80):
     return path
 
 
+def finetune_argv(model, data, output_dir, *extra, max_steps: int = 4, batch_size: int = 8) -> list[str]:
+    """``igulora finetune`` arguments of a short classification run of a tiny model (3 -> 1 ranks)."""
+    return [
+        "finetune",
+        *("--model", str(model), "--data", str(data), "--task", "classification"),
+        *("--output-dir", str(output_dir), "--max-steps", str(max_steps), "--batch-size", str(batch_size)),
+        *("--max-length", "16", "--init-r", "3", "--target-r", "1", "--no-progress"),
+        *extra,
+    ]
+
+
 def lm_batch(n=4, t=8, seed=0):
     """A causal-LM batch (targets from input_ids) with one padded row end."""
     batch = token_batch(n=n, t=t, seed=seed)

@@ -7,7 +7,7 @@ import json
 import os
 
 import pytest
-from conftest import write_sentiment_jsonl
+from conftest import finetune_argv, write_sentiment_jsonl
 
 import igulora.finetune as finetune
 from igulora.cli import main
@@ -16,29 +16,7 @@ from igulora.data import DataError, Example, class_count, load_examples
 
 def _argv(tmp_path, model_dir, *extra, data=None, output_dir=None):
     data = data or write_sentiment_jsonl(tmp_path / "train.jsonl")
-    return [
-        "finetune",
-        "--model",
-        str(model_dir / "bert"),
-        "--data",
-        str(data),
-        "--task",
-        "classification",
-        "--output-dir",
-        str(output_dir or tmp_path / "out"),
-        "--max-steps",
-        "4",
-        "--batch-size",
-        "8",
-        "--max-length",
-        "16",
-        "--init-r",
-        "3",
-        "--target-r",
-        "1",
-        "--no-progress",
-        *extra,
-    ]
+    return finetune_argv(model_dir / "bert", data, output_dir or tmp_path / "out", *extra)
 
 
 def _one_line_error(capsys, argv) -> str:

@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 from conftest import (
+    finetune_argv,
     randomize_adapters,
     short_run_config,
     tiny_bert,
@@ -27,34 +28,8 @@ from igulora.finetune import FinetuneArgs, FinetuneError, run_finetune
 
 
 def _finetune_cmd(model_dir, data, out, *extra):
-    return [
-        sys.executable,
-        "-m",
-        "igulora.cli",
-        "finetune",
-        "--model",
-        str(model_dir),
-        "--data",
-        str(data),
-        "--task",
-        "classification",
-        "--output-dir",
-        str(out),
-        "--max-steps",
-        "60",
-        "--save-every",
-        "5",
-        "--batch-size",
-        "16",
-        "--max-length",
-        "16",
-        "--init-r",
-        "3",
-        "--target-r",
-        "1",
-        "--no-progress",
-        *extra,
-    ]
+    cli = finetune_argv(model_dir, data, out, "--save-every", "5", *extra, max_steps=60, batch_size=16)
+    return [sys.executable, "-m", "igulora.cli", *cli]
 
 
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_model_dir):
