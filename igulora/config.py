@@ -16,6 +16,7 @@ from igulora.quadrature import RULES
 BUDGET_UNITS = ("triplets", "parameters")
 PRUNE_MODES = ("mask", "zero")
 INITS = ("adalora", "lora")
+ORTH_RANKS = ("all", "live")
 
 Accepts = Callable[[Any], bool]
 
@@ -111,6 +112,7 @@ FIELD_RULES: dict[str, tuple[Accepts, str]] = {
         _either(_integer(0), _choice("tinit")),
         "an optimizer step (an integer >= 0) or 'tinit'",
     ),
+    "orth_reg_ranks": (_choice(*ORTH_RANKS), f"one of {ORTH_RANKS}"),
     "ig_rule": (_choice(*RULES), f"one of {RULES}"),
     "ig_steps": (_either(_integer(1), _choice("auto")), "an integer >= 1 or 'auto'"),
     "ig_tolerance": (_number(gt=0), "a number > 0"),
@@ -162,7 +164,9 @@ class IGULoraConfig:
     ``orth_reg_weight`` (default 0.25, by the rule of docs/results.md on four tasks; 0 turns it
     off and lets ``compact`` run) adds AdaLoRA's orthogonality term (method.md) from optimizer step
     ``orth_reg_start`` on (``"tinit"``: once the initial phase has grown E; from step 0 its gradient
-    alone fills Adam's second moments of A and B while E = 0, docs/results.md).
+    alone fills Adam's second moments of A and B while E = 0, docs/results.md), over every rank
+    (``orth_reg_ranks="all"``, AdaLoRA's) or over the kept ranks only (``"live"``: pruned rows of
+    A and columns of B leave the term, so ``compact`` stays exact with it on).
 
     Each field is checked on construction (and by :meth:`from_dict`, for a JSON save) against its
     entry of ``FIELD_RULES``, its type (a bool is not a number, an int is a float) and range, then
@@ -195,6 +199,7 @@ class IGULoraConfig:
     # is igulora's w / 2, so 0.25 is PEFT AdaLoRA's 0.5.
     orth_reg_weight: float = 0.25
     orth_reg_start: int | str = 0  # an optimizer step, or "tinit"
+    orth_reg_ranks: str = "all"  # or "live": the term over kept ranks only, which compaction keeps exact
     ig_rule: str = "gauss_legendre"  # defaults from docs/results.md (IG accuracy study)
     ig_steps: int | str = 3  # or "auto"
     ig_tolerance: float = 0.09  # 3 nodes' residual in the IG accuracy study (docs/results.md)

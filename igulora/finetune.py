@@ -101,6 +101,7 @@ class FinetuneArgs:
     score: str = IGULoraConfig.score
     orth_reg_weight: float = IGULoraConfig.orth_reg_weight
     orth_reg_start: int | str = IGULoraConfig.orth_reg_start
+    orth_reg_ranks: str = IGULoraConfig.orth_reg_ranks
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -233,6 +234,7 @@ def igu_config(args: FinetuneArgs, model) -> IGULoraConfig:
         score=args.score,
         orth_reg_weight=args.orth_reg_weight,
         orth_reg_start=args.orth_reg_start,
+        orth_reg_ranks=args.orth_reg_ranks,
         seed=args.seed,
         base_model_name_or_path=str(args.model),
     )

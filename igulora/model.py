@@ -283,14 +283,26 @@ class IGUModel(nn.Module):
 
     def orthogonality_loss(self) -> torch.Tensor:
         """``mean over adapters of ||A A^T - I||_F + ||B^T B - I||_F`` (method.md, section 1); of
-        the whole matrices under FSDP2 (gathered, differentiably: every rank computes the same)."""
+        the whole matrices under FSDP2 (gathered, differentiably: every rank computes the same).
+
+        ``orth_reg_ranks="live"``: over the kept ranks only, as ``||(mA)(mA)^T - diag(m)||_F``
+        with the rank mask ``m``, which is the term of the kept rows of A (columns of B) alone:
+        pruned ranks get no gradient from it, and a compacted adapter gives the same value."""
+        live = self.igu_config.orth_reg_ranks == "live"
         total = 0.0
         for layer in self.adapters.values():
             A, B = full_tensor(layer.lora_A), full_tensor(layer.lora_B)
-            eye = torch.eye(layer.r, dtype=A.dtype, device=A.device)
-            total = (
-                total + torch.linalg.matrix_norm(A @ A.t() - eye) + torch.linalg.matrix_norm(B.t() @ B - eye)
-            )
+            if live:
+                m = layer.rank_mask.to(A.dtype)
+                A, B = A * m[:, None], B * m
+                total = total + _frobenius(A @ A.t() - torch.diag(m)) + _frobenius(B.t() @ B - torch.diag(m))
+            else:
+                eye = torch.eye(layer.r, dtype=A.dtype, device=A.device)
+                total = (
+                    total
+                    + torch.linalg.matrix_norm(A @ A.t() - eye)
+                    + torch.linalg.matrix_norm(B.t() @ B - eye)
+                )
         return total / len(self.adapters)
 
     @property
@@ -449,8 +461,8 @@ class IGUModel(nn.Module):
             return "compact=False", False
         if c.prune_mode != "mask":
             return "prune_mode='zero' lets pruned triplets return", explicit
-        if c.orth_reg_weight > 0:
-            return "the orthogonality term reaches every rank, pruned or not", explicit
+        if c.orth_reg_weight > 0 and c.orth_reg_ranks == "all":
+            return "the orthogonality term reaches every rank, pruned or not (orth_reg_ranks='all')", explicit
         if optimizer is None and not restoring:
             return "update_and_allocate was given no optimizer= to slice the state of", explicit
         if any(hasattr(layer.lora_A, "full_tensor") for layer in self.adapters.values()):
@@ -717,6 +729,14 @@ def scaler_state(grad_scaler: torch.amp.GradScaler) -> tuple[float, bool]:
             "before scaler.update(): the scaler has no record of this step's inf/NaN check"
         )
     return grad_scaler.get_scale(), skipped
+
+
+def _frobenius(x: torch.Tensor) -> torch.Tensor:
+    """``||x||_F`` with a zero gradient at ``x = 0`` (an adapter with every rank pruned), where
+    the norm's own gradient is 0 / 0."""
+    square = (x * x).sum()
+    nonzero = square > 0
+    return torch.where(nonzero, torch.where(nonzero, square, 1.0).sqrt(), 0.0)
 
 
 def _shared_parameters(model: nn.Module) -> dict[int, list[str]]:

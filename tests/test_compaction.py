@@ -177,3 +177,45 @@ def test_an_adapter_compacted_to_zero_ranks_costs_nothing_and_exports_nothing():
     loss = igu.training_loss(token_batch(6, 7, seed=1))
     loss.backward()  # a scoring step with an empty adapter
     assert layer.lora_A.grad is None or layer.lora_A.grad.numel() == 0
+
+
+LIVE_TERM = dict(orth_reg_weight=0.25, orth_reg_ranks="live")  # the term over kept ranks only
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd_momentum"])
+def test_with_the_live_rank_orthogonality_term_the_compacted_run_is_the_masked_run(case, optimizer):
+    masked = _train(case, optimizer, compact=False, **LIVE_TERM)
+    compacted = _train(case, optimizer, **LIVE_TERM)
+    _assert_same_run(compacted, masked)
+    assert _physical_ranks(compacted[2]) == compacted[2].active_ranks != {n: 4 for n in compacted[2].adapters}
+    with_all_ranks = _train(case, optimizer, compact=False, orth_reg_weight=0.25)
+    assert with_all_ranks[1].keys() == masked[1].keys()
+    assert any(not torch.allclose(with_all_ranks[1][k], v) for k, v in masked[1].items())  # the term differs
+
+
+@pytest.mark.parametrize("settings", [{"accumulation": 2}, {"resume_at": 5}], ids=["accumulation", "resume"])
+def test_the_live_rank_term_stays_exact_with_accumulation_and_resume(settings, tmp_path):
+    masked = _train("llama", compact=False, accumulation=settings.get("accumulation", 1), **LIVE_TERM)
+    compacted = _train("llama", tmp_path=tmp_path, **settings, **LIVE_TERM)
+    _assert_same_run(compacted, masked)
+
+
+def test_the_live_rank_term_is_the_term_of_the_kept_submatrices():
+    igu = _model("bert", **LIVE_TERM)
+    layers = list(igu.adapters.values())
+    layers[0].rank_mask.copy_(torch.tensor([True, False, True, False]))
+    layers[1].rank_mask.zero_()  # every rank pruned: no term, and a zero (not NaN) gradient
+    expected = 0.0
+    for layer in layers:
+        keep = layer.rank_mask.nonzero().flatten()
+        A, B = layer.lora_A[keep], layer.lora_B[:, keep]
+        eye = torch.eye(len(keep), dtype=A.dtype)
+        expected = (
+            expected + torch.linalg.matrix_norm(A @ A.t() - eye) + torch.linalg.matrix_norm(B.t() @ B - eye)
+        )
+    loss = igu.orthogonality_loss()
+    torch.testing.assert_close(loss, expected / len(layers), rtol=1e-12, atol=1e-12)
+    loss.backward()
+    assert torch.isfinite(layers[1].lora_A.grad).all() and layers[1].lora_A.grad.abs().sum() == 0
+    assert layers[0].lora_A.grad[[1, 3]].abs().sum() == 0 and layers[0].lora_A.grad[[0, 2]].abs().sum() > 0

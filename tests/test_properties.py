@@ -193,6 +193,7 @@ VALID = {  # in range, some of them still wrong for the tiny BERT (no module mat
     "score_eps": st.sampled_from([0, 0.0, 1e-12, 1e-3]),
     "orth_reg_weight": st.sampled_from([0, 0.0, 0.25, 1]),
     "orth_reg_start": st.one_of(st.integers(0, 12), st.just("tinit")),
+    "orth_reg_ranks": st.sampled_from(["all", "live"]),
     "ig_rule": st.sampled_from(RULES),
     "ig_steps": st.one_of(st.integers(1, 5), st.just("auto")),
     "ig_tolerance": st.sampled_from([1e-6, 0.09, 1]),

@@ -19,10 +19,10 @@ head trained, AdamW with 6% warm-up and linear decay, batch 32. Matched budget: 
 0.85), with ("adalora-orth", task-typed) or without ("adalora", see build()) PEFT's
 orthogonality term; IGU-LoRA the same schedule with the library's defaults ("igu-orth": its term
 at 0.25, the default since issue #20; "igu": without it, the default before; "igu-orth-late": the
-term from tinit on). Budget sweep: an average final rank of 0.5-4 from INIT_MULTIPLE times it,
-every scale lora_alpha / r = SCALE. A fixed 10% of train (of the file, after a fixed 10% test
-carve, for SUBJ and CR) is the validation split that selects the learning rate; dev / test is
-only reported.
+term from tinit on; "igu-orth-live": the term over the kept ranks only, issue #35). Budget sweep:
+an average final rank of 0.5-4 from INIT_MULTIPLE times it, every scale lora_alpha / r = SCALE.
+A fixed 10% of train (of the file, after a fixed 10% test carve, for SUBJ and CR) is the
+validation split that selects the learning rate; dev / test is only reported.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ METHODS = ("lora", "adalora", "igu")  # the matched-budget tables (6 -> 2)
 # Every method the harness can run: PEFT's AdaLoRA with its orthogonality term (a task-typed
 # PeftModel, what PEFT users get) and IGU-LoRA with igulora's term at PEFT's weight (0.5 per
 # matrix = 0.25 here: the defaults since issue #20) beside it without the term.
-IGU_METHODS = ("igu", "igu-orth", "igu-orth-late")
+IGU_METHODS = ("igu", "igu-orth", "igu-orth-late", "igu-orth-live")
 ALL_METHODS = ("lora", "adalora", "adalora-orth", *IGU_METHODS)
 BUDGET_METHODS = ("lora", "adalora", "adalora-orth", "igu-orth", "igu")
 # The budget sweep: final average rank per adapted linear; the adaptive methods start at
@@ -107,18 +107,20 @@ INIT_MULTIPLE, SCALE = 4, 8.0
 IGU_ORTH_WEIGHT = 0.25
 # Each IGU method names its term, so that a changed library default leaves every record its key:
 # igu without it (the default until issue #20 moved it), igu-orth's from step 0 (the library's
-# defaults since), igu-orth-late's once the initial phase has grown E (issue #20.3).
+# defaults since), igu-orth-late's once the initial phase has grown E (issue #20.3), igu-orth-live's
+# over the kept ranks only, which lets compaction run with the term on (issue #35.1).
 ORTH_OVERRIDES = {
     "igu": dict(orth_reg_weight=0.0),
     "igu-orth": dict(orth_reg_weight=IGU_ORTH_WEIGHT),
     "igu-orth-late": dict(orth_reg_weight=IGU_ORTH_WEIGHT, orth_reg_start="tinit"),
+    "igu-orth-live": dict(orth_reg_weight=IGU_ORTH_WEIGHT, orth_reg_ranks="live"),
 }
 LR_GRID = (1e-3, 2e-3, 5e-3)  # the same grid for every method
 VAL_FRACTION, TEST_FRACTION, SPLIT_SEED = 0.1, 0.1, 12345
 # recorded per run
 IGU_KNOBS = ("init", "ig_rule", "ig_steps", "ig_every", "ig_fraction", "score", "orth_reg_weight")
 # knobs added later, recorded only where they differ from what every earlier run computed with
-LATER_KNOBS = {"orth_reg_start": 0}
+LATER_KNOBS = {"orth_reg_start": 0, "orth_reg_ranks": "all"}
 ENCODER_LINEARS = r".*encoder\.layer\.\d+\..*(query|key|value|dense)$"
 # IGU-LoRA ablations: FinetuneArgs overrides (run at IGU's selected lr unless --lr is given).
 # Those of the defaults before 2026-12-02, whose score was snr, name it: their runs had it.
