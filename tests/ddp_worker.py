@@ -15,25 +15,24 @@ STEPS = 12  # ten scoring steps: one ig_steps="auto" window (node_budget.WINDOW 
 GLOBAL_BATCH = 8
 
 
-def config(term: float):
+def config(orth: dict):
     # ig_steps="auto" with a tolerance no quadrature meets: the node count rises on a window of
     # all-reduced residuals, so every rank must take the same decisions as one process
     targets = ["query", "value", "intermediate.dense"]
-    return short_run_config(
-        STEPS, target_modules=targets, ig_steps="auto", ig_tolerance=1e-12, orth_reg_weight=term
-    )
+    return short_run_config(STEPS, target_modules=targets, ig_steps="auto", ig_tolerance=1e-12, **orth)
 
 
-def train(rank: int, world: int, module_wrapper=None, term: float = 0.0, accelerator=None) -> dict:
-    """Train on this rank's slice of each global batch, with the orthogonality term at ``term``;
-    returns masks, adapter weights (compacted to the active ranks where the term is off), the
+def train(rank: int, world: int, module_wrapper=None, orth: dict | None = None, accelerator=None) -> dict:
+    """Train on this rank's slice of each global batch, with the orthogonality term of ``orth``
+    (config overrides; none: no term); returns masks, adapter weights (compacted to the active
+    ranks where compaction runs), the
     physical ranks and the IG node count after each step.
 
     With ``accelerator``: its ``gradient_accumulation_steps`` micro-batches per slice under
     ``accumulate``, the optimizer prepared too, and ``igu.attach(optimizer)`` allocating instead
     of update_and_allocate calls. Equal micro-batches of per-micro-batch mean losses, each divided
     by their number (``accelerator.backward``), add up to the slice's mean loss, as IG does."""
-    igu = get_igu_model(tiny_bert(torch.float64, seed=5), config(term))
+    igu = get_igu_model(tiny_bert(torch.float64, seed=5), config(orth or {}))
     igu.train()
     module = module_wrapper(igu) if module_wrapper else igu
     optimizer = torch.optim.SGD([p for p in igu.parameters() if p.requires_grad], lr=0.5)
@@ -67,7 +66,7 @@ def train(rank: int, world: int, module_wrapper=None, term: float = 0.0, acceler
     return {"pattern": igu.rank_pattern, "weights": weights, "physical_ranks": physical, "nodes": nodes}
 
 
-def run(rank: int, world: int, port: int, out_dir: str, launcher: str, term: float) -> None:
+def run(rank: int, world: int, port: int, out_dir: str, launcher: str, orth: dict) -> None:
     """Join a 2-process gloo group on loopback, as torchrun would, and train with DDP, Accelerate's
     prepared model (``accelerate``) or Accelerate's accumulation loop with ``igu.attach``
     (``accelerate-hook``)."""
@@ -94,9 +93,9 @@ def run(rank: int, world: int, port: int, out_dir: str, launcher: str, term: flo
 
     try:
         if launcher == "accelerate-hook":
-            result = train(rank, world, term=term, accelerator=accelerator)
+            result = train(rank, world, orth=orth, accelerator=accelerator)
         else:  # the model wrapped; the loop calls update_and_allocate
-            result = train(rank, world, accelerator.prepare if launcher == "accelerate" else wrap, term)
+            result = train(rank, world, accelerator.prepare if launcher == "accelerate" else wrap, orth)
         torch.save(result, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()

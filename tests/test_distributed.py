@@ -16,23 +16,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+TERM = {"orth_reg_weight": 0.25}  # the default's orthogonality term, over every rank
+
+
 @pytest.mark.parametrize(
-    "launcher, term",
-    [("ddp", 0.0), ("accelerate", 0.0), ("accelerate-hook", 0.0), ("ddp", 0.25)],
-    ids=["ddp", "accelerate", "accelerate-hook", "ddp-orth"],
+    "launcher, orth",
+    [
+        ("ddp", {}),
+        ("accelerate", {}),
+        ("accelerate-hook", {}),
+        ("ddp", TERM),
+        ("ddp", {**TERM, "orth_reg_ranks": "live"}),
+    ],
+    ids=["ddp", "accelerate", "accelerate-hook", "ddp-orth", "ddp-orth-live"],
 )
-def test_two_process_run_matches_a_single_process_run(tmp_path, launcher, term):
-    """Compacted without the orthogonality term; with it (the default) masked, the term's gradient
-    reaching every rank outside DDP's forward. ``accelerate-hook``: Accelerate's accumulation of 2
-    micro-batches per rank and ``igu.attach(optimizer)`` instead of update_and_allocate calls."""
+def test_two_process_run_matches_a_single_process_run(tmp_path, launcher, orth):
+    """Compacted without the orthogonality term or with it over the kept ranks; with it over
+    every rank (the default) masked, the term's gradient reaching every rank outside DDP's
+    forward. ``accelerate-hook``: Accelerate's accumulation of 2 micro-batches per rank and
+    ``igu.attach(optimizer)`` instead of update_and_allocate calls."""
     if launcher.startswith("accelerate"):
         pytest.importorskip("accelerate")
-    mp.spawn(run, args=(2, _free_port(), str(tmp_path), launcher, term), nprocs=2, join=True)
+    mp.spawn(run, args=(2, _free_port(), str(tmp_path), launcher, orth), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    single = train(rank=0, world=1, term=term)
+    single = train(rank=0, world=1, orth=orth)
     kept = sum(map(sum, single["pattern"].values()))
     assert kept == 2 * len(single["pattern"]) < 4 * len(single["pattern"])
-    if term:
+    if orth and orth.get("orth_reg_ranks", "all") == "all":
         assert set(single["physical_ranks"].values()) == {4}  # masked: the term reaches every rank
     else:
         assert single["physical_ranks"] == {n: sum(m) for n, m in single["pattern"].items()}  # compacted
