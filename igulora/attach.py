@@ -43,7 +43,7 @@ class StepAttachment:
                 f"attach(optimizer): {type(optimizer).__name__} is not a torch.optim.Optimizer (nor "
                 "Accelerate's wrapper of one); call igu.update_and_allocate(step) after its steps instead"
             )
-        self.optimizer, self.scaler, self.allocate = optimizer, scaler, allocate
+        self.scaler, self.allocate = scaler, allocate
         self.stepped = False  # the optimizer's hook ran since the last scaler.update
         self.hook = optimizer.register_step_post_hook(self._after_step)
         self.replaced_update = None

@@ -311,16 +311,16 @@ class IGUModel(nn.Module):
         return self.node_budget.nodes if self.igu_config.ig_steps == "auto" else self.igu_config.ig_steps
 
     def is_scoring_step(self) -> bool:
-        """Whether this forward evaluates the IG nodes: every ``ig_every`` steps with grad enabled,
-        never in the final phase (masks are frozen there)."""
+        """Whether this forward evaluates the IG nodes: on a scoring step (:meth:`scores_at`)
+        with grad enabled."""
+        return torch.is_grad_enabled() and self.scores_at(self.step)
+
+    def scores_at(self, step: int) -> bool:
+        """Whether optimizer step ``step`` evaluates IG: every ``ig_every`` steps, never in the
+        final phase (masks are frozen there), never with the gradient rule."""
         c = self.igu_config
-        in_budget_phase = self.step < c.total_step - c.tfinal
-        return (
-            c.ig_rule != "gradient"
-            and torch.is_grad_enabled()
-            and self.step % c.ig_every == 0
-            and in_budget_phase
-        )
+        in_budget_phase = step < c.total_step - c.tfinal
+        return c.ig_rule != "gradient" and step % c.ig_every == 0 and in_budget_phase
 
     def training_loss(
         self,
@@ -422,9 +422,7 @@ class IGUModel(nn.Module):
     def _check_scored(self, step: int) -> None:
         """Fail loudly when a scoring step's gradients did not come from :meth:`training_loss`
         (a Trainer or loop that calls ``model(**batch)`` itself): the scores would never move."""
-        c = self.igu_config
-        scoring = c.ig_rule != "gradient" and step % c.ig_every == 0 and step < c.total_step - c.tfinal
-        if not scoring or self._scored or step != self.step:
+        if not self.scores_at(step) or self._scored or step != self.step:
             return
         if any(p.grad is not None for layer in self.adapters.values() for p in layer.parameters()):
             raise RuntimeError(
