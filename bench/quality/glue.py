@@ -116,6 +116,9 @@ ORTH_OVERRIDES = {
     "igu-orth-live": dict(orth_reg_weight=IGU_ORTH_WEIGHT, orth_reg_ranks="live"),
 }
 LR_GRID = (1e-3, 2e-3, 5e-3)  # the same grid for every method
+# A method that runs every seed at the lr selected for another (no search of its own): the term
+# over the kept ranks at the term over all ranks' lr (the rule of issue #35.1 says why).
+LR_FROM_METHOD = {"igu-orth-live": "igu-orth"}
 VAL_FRACTION, TEST_FRACTION, SPLIT_SEED = 0.1, 0.1, 12345
 # recorded per run
 IGU_KNOBS = ("init", "ig_rule", "ig_steps", "ig_every", "ig_fraction", "score", "orth_reg_weight")
@@ -400,13 +403,18 @@ def reference(variant: str) -> str:
 
 def sweep_specs(runs: list[dict], task: str, methods, budgets, seeds) -> list[dict]:
     """Every run of a sweep that can start now, in order: per budget and method the lr search
-    (seed 0), then the other seeds at the lr it selected once it is complete. LoRA is left out
-    at a budget no uniform rank matches."""
+    (seed 0), then the other seeds at the lr it selected once it is complete (a method of
+    ``LR_FROM_METHOD``: every seed at the lr selected for the other). LoRA is left out at a budget
+    no uniform rank matches."""
     recorded = {run_key(r) for r in runs}
     todo = []
     for budget in budgets:
         for method in methods:
             if method == "lora" and budget_ranks(budget)["lora_r"] is None:
+                continue
+            if method in LR_FROM_METHOD:
+                lr = selected_lr(runs, task, LR_FROM_METHOD[method], budget)
+                todo += [spec(task, method, lr, seed, budget=budget) for seed in seeds]
                 continue
             search = [spec(task, method, lr, 0, budget=budget) for lr in LR_GRID]
             todo += search
