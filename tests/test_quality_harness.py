@@ -532,3 +532,47 @@ def test_the_budget_plot_draws_the_majority_class_near_the_medians(tmp_path, mon
 def test_the_majority_share_is_the_most_common_label_s():
     examples = [Example("a", None, label) for label in (1, 0, 1, 1)]
     assert glue.majority_share(examples) == 0.75
+
+
+@pytest.mark.parametrize(
+    ("shortfall", "verdict"),
+    [
+        ({"sst2": 0.01, "rte": 0.01, "subj": -0.03, "cr": 0.0}, "live"),  # at the margin: not below it
+        ({"sst2": 0.011, "rte": 0.0, "subj": 0.0, "cr": 0.0}, "live"),  # one task past 0.01
+        ({"sst2": 0.011, "rte": 0.012, "subj": -0.05, "cr": -0.05}, "all"),  # two tasks past 0.01
+        ({"sst2": 0.021, "rte": -0.02, "subj": -0.02, "cr": -0.02}, "all"),  # one past 0.02
+    ],
+)
+def test_the_live_ranks_rule_is_non_inferiority_by_the_written_margins(shortfall, verdict):
+    assert report.live_verdict(shortfall) == verdict
+
+
+def test_the_live_ranks_cells_run_every_seed_at_the_lr_selected_for_the_term_over_all_ranks():
+    budget, seeds = [2.0], [0, 1, 2]
+    with pytest.raises(SystemExit, match="igu-orth lr search is incomplete"):
+        glue.sweep_specs([], "cr", ["igu-orth-live"], budget, seeds)
+    runs = _cells("cr", "igu-orth", [0.8, 0.8, 0.8])
+    todo = glue.sweep_specs(runs, "cr", ["igu-orth-live"], budget, seeds)
+    assert [(s["lr"], s["seed"], s["igu_config"]["orth_reg_ranks"]) for s in todo] == [
+        (2e-3, 0, "live"),
+        (2e-3, 1, "live"),
+        (2e-3, 2, "live"),
+    ]
+
+
+def test_the_live_ranks_section_pairs_seeds_and_waits_for_every_task():
+    plan = report.SweepPlan((2.0,), ("igu",), 3, glue.LR_GRID, glue.budget_ranks, glue.DEFAULTS_TASKS, 2.0)
+    runs = []
+    for task in glue.DEFAULTS_TASKS:
+        runs += _cells(task, "igu-orth", [0.80, 0.79, 0.80])
+        live = [0.78, 0.77, 0.78] if task in ("sst2", "rte") else [0.80, 0.80, 0.80]
+        runs += [{**r, "method": "igu-orth-live"} for r in _cells(task, "igu-orth", live) if r["lr"] == 2e-3]
+    lines = report.live_ranks_section(runs, plan)
+    assert lines[-2].endswith("the rule keeps orth_reg_ranks = 'all'."), lines[-2]
+    assert "sst2 +0.0200, rte +0.0200, subj +0.0000" in lines[-2]  # medians 0.80 - 0.78
+    row = next(line for line in lines if line.startswith("| rte |"))
+    assert "dev -0.0200 +- 0.0000 over 3 seeds" in row
+    dropped = ("igu-orth-live", "cr", 1)
+    partial = [r for r in runs if (r["method"], r["task"], r["seed"]) != dropped]
+    assert report.live_ranks_section(partial, plan)[-2].endswith("undecided until cr has every seed of both.")
+    assert report.live_ranks_section([r for r in runs if r["method"] == "igu-orth"], plan) == []

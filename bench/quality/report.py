@@ -404,6 +404,66 @@ def defaults_section(runs: list[dict], plan: SweepPlan) -> list[str]:
     return lines
 
 
+# Issue #35.1's rule (docs/results.md, fixed before any run): "live" is non-inferior unless its
+# median falls below "all"'s by more than LIVE_MARGIN on two or more tasks, or LIVE_HARD_MARGIN on one.
+LIVE_MARGIN, LIVE_HARD_MARGIN = 0.01, 0.02
+
+
+def live_verdict(shortfall: dict[str, float]) -> str:
+    """The orth_reg_ranks rule on each task's median(all) - median(live)."""
+    over = [task for task, gap in shortfall.items() if gap > LIVE_MARGIN]
+    if len(over) >= 2 or any(gap > LIVE_HARD_MARGIN for gap in shortfall.values()):
+        return "all"
+    return "live"
+
+
+def live_ranks_section(runs: list[dict], plan: SweepPlan) -> list[str]:
+    """Issue #35.1: per task, igu-orth (the term over all ranks) against igu-orth-live (over the
+    kept ranks, which compacts) at igu-orth's selected lr, seeds paired; then the rule's state."""
+    budget, seeds = plan.default_budget, set(range(plan.seeds))
+    lines, shortfall = [], {}
+    for task in plan.default_tasks:
+        cells = {m: final_runs(runs, task, m, budget) for m in ("igu-orth", "igu-orth-live")}
+        if not cells["igu-orth-live"]:
+            continue
+        by_seed = {m: {r["seed"]: r for r in cell if r["seed"] in seeds} for m, cell in cells.items()}
+        paired = sorted(by_seed["igu-orth"].keys() & by_seed["igu-orth-live"].keys())
+        medians = {m: statistics.median(r["dev_accuracy"] for r in by_seed[m].values()) for m in by_seed}
+        overlap = [allocation_overlap(by_seed["igu-orth-live"][s], by_seed["igu-orth"][s]) for s in paired]
+        if set(paired) == seeds:
+            shortfall[task] = medians["igu-orth"] - medians["igu-orth-live"]
+        lines.append(
+            f"| {task} | {cells['igu-orth-live'][0]['lr']:g} "
+            f"| {_acc(r['dev_accuracy'] for r in by_seed['igu-orth'].values())} | {medians['igu-orth']:.4f} "
+            f"| {_acc(r['dev_accuracy'] for r in by_seed['igu-orth-live'].values())} "
+            f"| {medians['igu-orth-live']:.4f} "
+            f"| {paired_line(paired_difference(runs, task, 'igu-orth-live', 'igu-orth', budget))} "
+            f"| {_acc(overlap)} |"
+        )
+    if not lines:
+        return []
+    missing = [task for task in plan.default_tasks if task not in shortfall]
+    verb = "has" if len(missing) == 1 else "have"
+    state = (
+        f"undecided until {', '.join(missing)} {verb} every seed of both."
+        if missing
+        else f"the rule keeps orth_reg_ranks = '{live_verdict(shortfall)}'."
+    )
+    return [
+        f"## The term over all ranks against the kept ones (issue #35.1, average rank {budget:g})",
+        "",
+        "| task | lr | all: dev (seeds) | median | live: dev (seeds) | median | live - all (paired) "
+        "| allocation overlap (seeds) |",
+        "| --- | ---: | --- | ---: | --- | ---: | --- | --- |",
+        *lines,
+        "",
+        "Median shortfall of live (all - live): "
+        + ", ".join(f"{task} {gap:+.4f}" for task, gap in shortfall.items())
+        + f"; {state}",
+        "",
+    ]
+
+
 def _saved(fig, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
     """Label the figure's one axes, add its legend, write it to ``path`` and close it."""
     ax = fig.axes[0]
@@ -623,6 +683,7 @@ def write_report(
                 if image is not None:
                     lines += [f"![{image.stem}]({image.name})", ""]
         lines += defaults_section(runs, plan)
+        lines += live_ranks_section(runs, plan)
     lines += ["## Matched-budget comparison", ""]
     for task in sorted({r["task"] for r in runs}):
         lines += main_table(runs, task)
