@@ -119,6 +119,7 @@ FIELD_RULES: dict[str, tuple[Accepts, str]] = {
     "ig_max_steps": _AT_LEAST_ONE,
     "ig_residual": (_constant(True, False), "True or False"),
     "ig_every": _AT_LEAST_ONE,
+    "ig_window": (_either(_NONE, _integer(1)), "None or an integer >= 1 (optimizer steps)"),
     "ig_fraction": (_number(gt=0, le=1), "a number in (0, 1]"),
     "stochastic_grid": _AT_LEAST_ONE,
     "seed": (_integer(0, 2**64), "an integer in [0, 2**64) (a torch.Generator seed)"),
@@ -147,7 +148,9 @@ class IGULoraConfig:
     ``snr`` (the IGU-LoRA paper's ``Ibar / Ubar``, blind to scale) or ``product`` (AdaLoRA's);
     ``igu_kernels.reference.element_score``. IG: ``ig_rule`` with
     ``ig_steps`` nodes, computed every ``ig_every`` optimizer steps on ``ig_fraction`` of the
-    batch (``stochastic`` draws its nodes from a ``stochastic_grid``-interval trapezoid grid).
+    batch (``stochastic`` draws its nodes from a ``stochastic_grid``-interval trapezoid grid);
+    ``ig_window=k`` keeps only the scoring steps among the last ``k`` score updates before each
+    reallocation (:meth:`scores_at`), since the allocation reads the EMAs only there.
     ``ig_steps="auto"`` (Gauss-Legendre) raises or lowers the node count between scoring steps,
     up to ``ig_max_steps``, to keep the relative completeness residual under ``ig_tolerance``
     (:mod:`igulora.node_budget`); ``ig_residual=True`` computes and logs that residual with a
@@ -206,6 +209,7 @@ class IGULoraConfig:
     ig_max_steps: int = 8
     ig_residual: bool = False
     ig_every: int = 2  # with ig_fraction: the IG cost, see docs/results.md (step cost)
+    ig_window: int | None = None  # score only on the last ig_window steps before a reallocation
     ig_fraction: float = 0.125
     stochastic_grid: int = 20
     seed: int = 0
@@ -258,6 +262,21 @@ class IGULoraConfig:
                 f"IGULoraConfig.total_step={self.total_step} is set already; the run has {total_step} steps"
             )
         return replace(self, total_step=total_step)
+
+    def scores_at(self, step: int) -> bool:
+        """Whether optimizer step ``step`` evaluates IG (of a resolved config): every ``ig_every``
+        steps of the initial and budget phases (masks are frozen in the final phase), never with
+        the gradient rule; with ``ig_window``, only among the last ``ig_window`` score updates
+        before a reallocation: a multiple of ``delta_t`` past ``tinit``, whose own update counts,
+        or the final phase's start, whose last update is the step before."""
+        final_start = self.total_step - self.tfinal
+        if self.ig_rule == "gradient" or step % self.ig_every or step >= final_start:
+            return False
+        if self.ig_window is None:
+            return True
+        reallocation = -(-step // self.delta_t) * self.delta_t  # the next multiple, at or after step
+        before_reallocation = self.tinit < reallocation < final_start and reallocation - step < self.ig_window
+        return before_reallocation or final_start - 1 - step < self.ig_window
 
     @property
     def tracks_completeness(self) -> bool:

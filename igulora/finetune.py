@@ -98,6 +98,7 @@ class FinetuneArgs:
     ig_residual: bool = IGULoraConfig.ig_residual
     ig_fraction: float = IGULoraConfig.ig_fraction
     ig_every: int = IGULoraConfig.ig_every
+    ig_window: int = 0  # 0: IGULoraConfig.ig_window = None (every ig_every-th step scores)
     score: str = IGULoraConfig.score
     orth_reg_weight: float = IGULoraConfig.orth_reg_weight
     orth_reg_start: int | str = IGULoraConfig.orth_reg_start
@@ -149,6 +150,7 @@ class FinetuneArgs:
             ("max_length", 2),
             ("init_r", 1),
             ("ig_every", 1),
+            ("ig_window", 0),
         ):
             integer(name, low)
         number("lr", lambda v: v > 0, "must be > 0")
@@ -231,6 +233,7 @@ def igu_config(args: FinetuneArgs, model) -> IGULoraConfig:
         ig_residual=args.ig_residual,
         ig_fraction=args.ig_fraction,
         ig_every=args.ig_every,
+        ig_window=args.ig_window or None,
         score=args.score,
         orth_reg_weight=args.orth_reg_weight,
         orth_reg_start=args.orth_reg_start,

@@ -316,11 +316,8 @@ class IGUModel(nn.Module):
         return torch.is_grad_enabled() and self.scores_at(self.step)
 
     def scores_at(self, step: int) -> bool:
-        """Whether optimizer step ``step`` evaluates IG: every ``ig_every`` steps, never in the
-        final phase (masks are frozen there), never with the gradient rule."""
-        c = self.igu_config
-        in_budget_phase = step < c.total_step - c.tfinal
-        return c.ig_rule != "gradient" and step % c.ig_every == 0 and in_budget_phase
+        """Whether optimizer step ``step`` evaluates IG (:meth:`IGULoraConfig.scores_at`)."""
+        return self.igu_config.scores_at(step)
 
     def training_loss(
         self,

@@ -45,7 +45,7 @@ def _node_by_node_ig(igu, row_loss_fn, batch, node_batch):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("rule", ["trapezoid", "gauss_legendre", "stochastic"])
+@pytest.mark.parametrize("rule", ["trapezoid", "gauss_legendre", "gauss_lobatto", "stochastic"])
 def test_batched_step_gives_training_grad_and_node_by_node_ig(case, rule):
     factory, row_loss_fn, head = CASES[case]
     igu = _igu(factory, head)  # the head trains too: the node rows must not reach its gradient

@@ -109,6 +109,8 @@ def test_total_step_left_to_the_trainer_and_fractional_phases():
         ("ig_max_steps", 0),
         ("stochastic_grid", None),
         ("ig_every", False),
+        ("ig_window", 0),
+        ("ig_window", 2.0),
         ("compact", 0),
         ("compact", "yes"),
         ("ig_residual", 1),
@@ -166,3 +168,24 @@ def test_an_edited_json_config_raises_the_same_named_errors(field, value):
         IGULoraConfig.from_dict(data)
     with pytest.raises(ValueError, match="IGULoraConfig.from_dict: expected a mapping"):
         IGULoraConfig.from_dict([field])
+
+
+@pytest.mark.parametrize(
+    ("ig_every", "ig_window", "expected"),
+    [
+        # every multiple of delta_t = 10 past tinit = 10 and before the final phase (step 80)
+        # reallocates after its own update; step 80 reallocates after step 79's
+        (1, 2, [19, 20, 29, 30, 39, 40, 49, 50, 59, 60, 69, 70, 78, 79]),
+        (2, 4, [18, 20, 28, 30, 38, 40, 48, 50, 58, 60, 68, 70, 76, 78]),
+        (2, None, list(range(0, 80, 2))),  # the default: every second step until the final phase
+    ],
+)
+def test_the_scoring_window_keeps_the_last_updates_before_each_reallocation(ig_every, ig_window, expected):
+    config = IGULoraConfig(
+        total_step=100, tinit=10, tfinal=20, delta_t=10, ig_every=ig_every, ig_window=ig_window
+    )
+    assert [step for step in range(100) if config.scores_at(step)] == expected
+    assert not any(
+        IGULoraConfig(total_step=100, tinit=10, tfinal=20, ig_rule="gradient").scores_at(s)
+        for s in range(100)
+    )

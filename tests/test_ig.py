@@ -40,6 +40,31 @@ def test_quadrature_weights_cover_unit_interval(rule, steps):
     assert sum(quad.weights) == pytest.approx(full)  # trapezoid drops its alpha = 0 node
 
 
+@pytest.mark.parametrize("steps", [1, 2, 3, 5])
+def test_gauss_lobatto_is_exact_to_degree_2_steps_minus_1_with_its_last_node_free(steps):
+    """steps + 1 Lobatto points on [0, 1] integrate alpha^d exactly for d <= 2 (steps + 1) - 3; the
+    dropped alpha = 0 node adds nothing there (d >= 1), and the last node is alpha = 1, the training
+    batch's own gradient: steps - 1 nodes cost IG rows, one fewer than Gauss-Legendre of that degree."""
+    quad = quadrature("gauss_lobatto", steps)
+    assert len(quad.alphas) == steps and quad.alphas[-1] == 1.0 and all(0 < a < 1 for a in quad.alphas[:-1])
+    assert quad.weight_at_one() == pytest.approx(1 / (steps * (steps + 1)))  # 2 / (n (n - 1)), halved
+    for degree in range(1, 2 * steps):
+        assert sum(w * a**degree for a, w in quad) == pytest.approx(1 / (degree + 1), rel=1e-12), degree
+    too_high = 2 * steps
+    assert sum(w * a**too_high for a, w in quad) != pytest.approx(1 / (too_high + 1), rel=1e-9)
+    if steps == 2:  # Simpson's rule, alpha = 0 dropped
+        assert quad.alphas == (0.5, 1.0) and quad.weights == pytest.approx((2 / 3, 1 / 6))
+
+
+def test_gauss_lobatto_ig_agrees_with_a_fine_gauss_legendre_rule():
+    """4 Lobatto nodes (exact to degree 7) give the IG that 16 Gauss-Legendre nodes give."""
+    igu, batch = _bert_igu(), token_batch()
+    lobatto = integrated_gradients(igu, CLS_LOSS, batch, steps=4, rule="gauss_lobatto")
+    fine = integrated_gradients(igu, CLS_LOSS, batch, steps=16, rule="gauss_legendre")
+    for name in fine.attributions:
+        torch.testing.assert_close(lobatto.attributions[name], fine.attributions[name], rtol=1e-3, atol=1e-9)
+
+
 def test_stochastic_rule_is_unbiased_for_the_trapezoid_grid():
     grid, draws = 8, 4000
     exact = dict(quadrature("trapezoid", grid))

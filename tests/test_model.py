@@ -106,3 +106,31 @@ def test_pretrained_minilm_offline(minilm_path):
         assert torch.equal(igu(**batch).logits, before)
     n_trainable = sum(p.numel() for p in igu.parameters() if p.requires_grad)
     assert 0 < n_trainable < 0.05 * sum(p.numel() for p in igu.parameters())
+
+
+def test_a_scoring_window_scores_only_before_reallocations_and_trains_the_same_parameters():
+    """ig_window: the EMAs update only on its steps, and since a scoring step's training gradient
+    is the plain step's, the parameters (fp64) equal the every-second-step run's until masks differ."""
+    window = dict(tinit=4, tfinal=6, delta_t=4, ig_every=1, ig_window=2)
+    runs = {}
+    for name, extra in {"window": window, "default": dict(tinit=4, tfinal=6, delta_t=4)}.items():
+        torch.manual_seed(0)
+        config = IGULoraConfig(
+            target_modules=["query", "value"], init_r=2, target_r=1, total_step=20, **extra
+        )
+        igu = get_igu_model(tiny_bert(torch.float64), config)
+        optimizer = torch.optim.SGD([p for p in igu.parameters() if p.requires_grad], lr=0.1)
+        scored = []
+        for step in range(9):  # the first reallocation is at step 8: masks are equal until then
+            batch = token_batch(n=4, t=6, seed=step)
+            scored.append(igu.is_scoring_step())
+            igu.training_loss(batch).backward()
+            optimizer.step()
+            igu.update_and_allocate(step)
+            optimizer.zero_grad()
+        runs[name] = igu, scored
+    igu, scored = runs["window"]
+    assert [s for s, on in enumerate(scored) if on] == [7, 8]
+    assert igu.allocator.num_updates == 2 and runs["default"][0].allocator.num_updates == 5
+    for (name, p), q in zip(igu.named_parameters(), runs["default"][0].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-15, msg=name)

@@ -200,6 +200,7 @@ VALID = {  # in range, some of them still wrong for the tiny BERT (no module mat
     "ig_max_steps": st.integers(1, 8),
     "ig_residual": st.booleans(),
     "ig_every": st.integers(1, 3),
+    "ig_window": st.one_of(st.none(), st.integers(1, 5)),
     "ig_fraction": _fraction(0, 1),
     "stochastic_grid": st.integers(1, 30),
     "seed": st.sampled_from([0, 1, 2**64 - 1]),
