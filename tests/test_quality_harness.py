@@ -576,3 +576,57 @@ def test_the_live_ranks_section_pairs_seeds_and_waits_for_every_task():
     partial = [r for r in runs if (r["method"], r["task"], r["seed"]) != dropped]
     assert report.live_ranks_section(partial, plan)[-2].endswith("undecided until cr has every seed of both.")
     assert report.live_ranks_section([r for r in runs if r["method"] == "igu-orth"], plan) == []
+
+
+def test_the_ig_cost_rule_picks_the_cheapest_variant_within_both_margins_and_the_overlap_floor():
+    variants = {v: {} for v in ("window-2", "lobatto-2", "stochastic-1", "fraction-0.0625")}
+    plan = report.SweepPlan(
+        (2.0,), ("igu",), 3, glue.LR_GRID, glue.budget_ranks, glue.DEFAULTS_TASKS, 2.0,
+        ig_cost_variants=variants, ig_rows=lambda run: run["rows"],
+    )  # fmt: skip
+    # each seed of the defaults keeps 2 of 3 modules (any two overlap 1/2); a variant keeping its
+    # paired seed's ranks overlaps 1, one keeping the unkept module 0
+    ranks = {seed: {m: int(i != seed) for i, m in enumerate(MODULES[:3])} for seed in range(3)}
+    runs = []
+    for task, low in (("sst2", 0.809), ("rte", 0.779)):  # 0.80 - 0.809: within 0.01; 0.80 - 0.779: not 0.02
+        reference = [{**r, "task": task, "rows": 10.0} for r in _cells(task, "igu-orth", [0.80, 0.80, 0.80])]
+        runs += [{**r, "active_ranks": ranks[r["seed"]]} for r in reference]
+        for variant, dev, rows, kept in (
+            ("window-2", 0.80, 4.0, "same"),
+            ("fraction-0.0625", 0.81, 5.0, "same"),
+            ("lobatto-2", low, 3.0, "same"),  # cheapest, but below the margin on rte
+            ("stochastic-1", 0.82, 3.0, "other"),  # better, but keeps other ranks
+        ):
+            for seed in range(3):
+                kept_ranks = ranks[seed] if kept == "same" else {m: 1 - k for m, k in ranks[seed].items()}
+                runs.append(
+                    {**record("igu-orth", 2e-3, seed, 0.5, dev if seed else 0.79, variant), "task": task}
+                    | {"budget": 2.0, "rows": rows, "active_ranks": kept_ranks}
+                )
+    lines = report.ig_cost_section(runs, plan)
+    assert lines[-2] == "qualify: window-2, fraction-0.0625; the rule makes window-2 the default.", lines[-2]
+    row = next(line for line in lines if line.startswith("| rte | lobatto-2 |"))
+    assert row.endswith("| 1.000 | 0.30 | no |"), row  # median 0.779 < 0.80 - 0.02
+    row = next(line for line in lines if line.startswith("| sst2 | stochastic-1 |"))
+    assert "| 0.000 | 0.30 | no |" in row
+    assert (
+        "| sst2 | defaults (igu-orth) | 0.800, 0.800, 0.800 | 0.8000 |  | 0.500 (seed to seed) |" in lines[4]
+    )
+    unfinished = [r for r in runs if (r["variant"], r["task"], r["seed"]) != ("window-2", "rte", 2)]
+    assert report.ig_cost_section(unfinished, plan)[-2].startswith("undecided")
+
+
+def test_ig_row_counts_follow_the_nodes_rows_and_scoring_steps_of_each_variant():
+    run = {"task": "sst2", "method": "igu-orth", "budget": 2.0, "steps": 194}
+    rows = {v: glue.ig_row_evaluations({**run, "overrides": o}) for v, o in glue.IG_COST_VARIANTS.items()}
+    defaults = glue.ig_row_evaluations({**run, "overrides": {}})
+    # SST-2's epoch: 194 steps, tinit 19, tfinal 38, delta_t 9; a batch of 32 has 4 IG rows at 1/8.
+    # The defaults score steps 0, 2, .. 154 (78) with 3 Gauss-Legendre nodes
+    assert defaults == 78 * 3 * 4
+    # the window: the 2 updates up to each multiple of 9 from 27 to 153 (15 of them), and 154, 155
+    # before the final phase's allocation at 156
+    assert rows["window-2"] == (2 * 15 + 2) * 3 * 4
+    assert rows["lobatto-2"] == 78 * 1 * 4  # one node below alpha = 1
+    assert rows["fraction-0.0625"] == 78 * 3 * 2
+    # one draw from the 20-interval trapezoid grid lands on alpha = 1 with probability (1/40) / (39/40)
+    assert rows["stochastic-1"] == pytest.approx(78 * 4 * (1 - 1 / 39))

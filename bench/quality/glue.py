@@ -9,7 +9,7 @@ several drivers (one per core) can share it:
     python bench/quality/glue.py seeds --task sst2       # seeds 1, 2 (or --seeds) at the selected lr
     python bench/quality/glue.py sweep --task sst2 --budgets 0.5,1,2,4   # search, then seeds 0-2
     python bench/quality/glue.py sweep --task subj       # all six methods at 6 -> 2
-    python bench/quality/glue.py ablations --task sst2 [--budget 0.5]   # IGU variants
+    python bench/quality/glue.py ablations --task sst2 [--budget 0.5] [--method igu-orth]   # IGU variants
     python bench/quality/glue.py report                  # markdown tables, plots, heatmaps
 
 Protocol (the one of ../shared/docs/baselines.md): pretrained MiniLM-L6 (pip package
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -49,6 +50,7 @@ from igulora.data import load_examples  # noqa: E402
 from igulora.finetune import Batches, FinetuneArgs, evaluate, igu_config, warmup_linear_schedule  # noqa: E402
 from igulora.ig import sequence_classification_row_loss  # noqa: E402
 from igulora.model import get_igu_model  # noqa: E402
+from igulora.quadrature import quadrature  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "bench" / "results" / "quality"
@@ -123,7 +125,7 @@ VAL_FRACTION, TEST_FRACTION, SPLIT_SEED = 0.1, 0.1, 12345
 # recorded per run
 IGU_KNOBS = ("init", "ig_rule", "ig_steps", "ig_every", "ig_fraction", "score", "orth_reg_weight")
 # knobs added later, recorded only where they differ from what every earlier run computed with
-LATER_KNOBS = {"orth_reg_start": 0, "orth_reg_ranks": "all"}
+LATER_KNOBS = {"orth_reg_start": 0, "orth_reg_ranks": "all", "ig_window": None}
 ENCODER_LINEARS = r".*encoder\.layer\.\d+\..*(query|key|value|dense)$"
 # IGU-LoRA ablations: FinetuneArgs overrides (run at IGU's selected lr unless --lr is given).
 # Those of the defaults before 2026-12-02, whose score was snr, name it: their runs had it.
@@ -148,7 +150,15 @@ _SNR_ERA = {
     # the former defaults: LoRA-like init (B = 0, E = 1) with twice PEFT's orthogonality weight
     "lora-init": dict(init="lora", orth_reg_weight=0.5),
 }
+# Issue #35.2: fewer IG node rows per pruning decision, each alone (docs/results.md, its rule).
+IG_COST_VARIANTS = {
+    "window-2": dict(ig_window=2, ig_every=1),  # the last 2 updates before each reallocation
+    "lobatto-2": dict(rule="gauss_lobatto", ig_steps=2),  # Simpson, alpha = 1 free: 1 row block
+    "fraction-0.0625": dict(ig_fraction=0.0625),  # half the IG rows
+    "stochastic-1": dict(rule="stochastic", ig_steps=1),  # one sampled node
+}
 ABLATIONS = {
+    **IG_COST_VARIANTS,
     "ig-snr": dict(score="snr"),  # the IGU-LoRA paper's score, the default before 2026-12-02
     "ig-product": dict(score="product"),
     "gradient-product (AdaLoRA score)": dict(rule="gradient", score="product"),
@@ -396,6 +406,28 @@ def selected_lr(
     return best_of(grid)["lr"]
 
 
+def method_lr(
+    runs: list[dict], task: str, method: str, budget: float | None = None, variant: str = "default"
+) -> float:
+    """The lr ``method`` runs at: its own search's, or that of its ``LR_FROM_METHOD``."""
+    return selected_lr(runs, task, LR_FROM_METHOD.get(method, method), budget, variant)
+
+
+def ig_row_evaluations(run: dict) -> float:
+    """The IG node rows a run evaluated (expected, for a sampled node): per scoring step, the nodes
+    below alpha = 1 times the IG sub-batch of a batch of 32."""
+    overrides = method_overrides(run["method"], run.get("budget"), run.get("overrides", {}))
+    config = igu_config(run_args(run["task"], run["steps"], **overrides), None)
+    rows = max(1, math.floor(config.ig_fraction * 32 + 0.5))
+    if config.ig_rule == "stochastic":  # E[distinct grid nodes below 1 among ig_steps draws]
+        share = quadrature("trapezoid", config.stochastic_grid).weights
+        p = torch.tensor(share, dtype=torch.float64) / sum(share)
+        blocks = float((1 - (1 - p[:-1]) ** config.ig_steps).sum())
+    else:
+        blocks = sum(a < 1 for a in quadrature(config.ig_rule, config.ig_steps).alphas)
+    return sum(map(config.scores_at, range(run["steps"]))) * blocks * rows
+
+
 def reference(variant: str) -> str:
     """The variant whose lr search an ablation runs at: ig-snr for those of the snr era."""
     return "ig-snr" if variant in _SNR_ERA else "default"
@@ -413,7 +445,7 @@ def sweep_specs(runs: list[dict], task: str, methods, budgets, seeds) -> list[di
             if method == "lora" and budget_ranks(budget)["lora_r"] is None:
                 continue
             if method in LR_FROM_METHOD:
-                lr = selected_lr(runs, task, LR_FROM_METHOD[method], budget)
+                lr = method_lr(runs, task, method, budget)
                 todo += [spec(task, method, lr, seed, budget=budget) for seed in seeds]
                 continue
             search = [spec(task, method, lr, 0, budget=budget) for lr in LR_GRID]
@@ -452,6 +484,9 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(ABLATIONS), help="(ablations) which ones")
     parser.add_argument("--seeds", help="comma-separated seeds (default: 1,2 for 'seeds', 0 for 'ablations')")
     parser.add_argument("--lr", type=float, help="(ablations) instead of IGU-LoRA's selected lr")
+    parser.add_argument(
+        "--method", default="igu", choices=IGU_METHODS, help="(ablations) the IGU-LoRA method to vary"
+    )
     parser.add_argument("--budget", type=float, help="(ablations) at this budget-sweep point")
     parser.add_argument("--runs", type=Path, default=RESULTS / "runs.jsonl")
     args = parser.parse_args()
@@ -477,13 +512,14 @@ def main() -> None:
     elif args.experiment == "ablations":
         runs = load_runs(args.runs)
         seeds = [int(s) for s in (args.seeds or "0").split(",")]
-        # an ablation of the snr era runs at the lr selected for snr, the others at igu's (no term)
+        # an ablation of the snr era runs at the lr selected for snr, the others at its method's
         lrs = {
-            v: args.lr or selected_lr(runs, args.task, "igu", args.budget, reference(v))
+            v: args.lr or method_lr(runs, args.task, args.method, args.budget, reference(v))
             for v in args.variants.split(",")
         }
         ensure(
-            [spec(args.task, "igu", lr, s, v, args.budget) for s in seeds for v, lr in lrs.items()], args.runs
+            [spec(args.task, args.method, lr, s, v, args.budget) for s in seeds for v, lr in lrs.items()],
+            args.runs,
         )
     else:
         majority = {task: majority_share(split_train(task)[2]) for task in SWEEP_TASKS}
@@ -497,6 +533,8 @@ def main() -> None:
             DEFAULTS_BUDGET,
             SWEEP_TASKS,
             majority,
+            IG_COST_VARIANTS,
+            ig_row_evaluations,
         )
         write_report(load_runs(args.runs), RESULTS, linear_shapes(), plan)
 

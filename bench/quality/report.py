@@ -233,7 +233,8 @@ class SweepPlan:
     """What the budget sweep runs (bench/quality/glue.py): ``ranks(budget)`` gives lora_r (None:
     no uniform rank), init_r and target_r, on ``sweep_tasks`` (None: every task with budget
     runs); issue #20's defaults are decided on ``default_tasks`` at ``default_budget``;
-    ``majority`` is each task's majority-class share of its reported split."""
+    ``majority`` is each task's majority-class share of its reported split; issue #35.2's
+    candidates are compared by ``ig_rows``."""
 
     budgets: tuple[float, ...]
     methods: tuple[str, ...]
@@ -244,6 +245,8 @@ class SweepPlan:
     default_budget: float = 2.0
     sweep_tasks: tuple[str, ...] | None = None
     majority: dict[str, float] = field(default_factory=dict)
+    ig_cost_variants: dict[str, dict] = field(default_factory=dict)  # issue #35.2's candidates
+    ig_rows: Callable[[dict], float] | None = None  # the IG node rows a run evaluated
 
 
 def budget_table(runs: list[dict], task: str, shapes: dict, plan: SweepPlan) -> list[str]:
@@ -460,6 +463,90 @@ def live_ranks_section(runs: list[dict], plan: SweepPlan) -> list[str]:
         "Median shortfall of live (all - live): "
         + ", ".join(f"{task} {gap:+.4f}" for task, gap in shortfall.items())
         + f"; {state}",
+        "",
+    ]
+
+
+# Issue #35.2's rule (docs/results.md, fixed before any run): a variant qualifies on a task when
+# its median dev is within the task's margin of the defaults' and its allocation overlaps the
+# paired seed's at least as much as two seeds of the defaults overlap each other.
+IG_COST_MARGINS = {"sst2": 0.01, "rte": 0.02}
+
+
+def seed_overlap(cell: list[dict]) -> float:
+    """Mean allocation overlap between the runs of different seeds of one cell (the noise floor)."""
+    pairs = [allocation_overlap(a, b) for a in cell for b in cell if a["seed"] != b["seed"]]
+    return statistics.mean(pairs)
+
+
+def ig_cost_section(runs: list[dict], plan: SweepPlan) -> list[str]:
+    """Issue #35.2: each of ``plan.ig_cost_variants`` (run on the defaults' method at its lr)
+    against that method's cell, seeds paired: dev, overlap with the paired seed, IG node rows
+    (``plan.ig_rows(run)``) relative to the defaults'; then the rule's verdict once every task has
+    every seed."""
+    budget, seeds = plan.default_budget, set(range(plan.seeds))
+    variants, rows = plan.ig_cost_variants, plan.ig_rows
+    varied = [r for r in runs if r["variant"] in variants and r.get("budget") == budget]
+    if not varied or rows is None:
+        return []
+    method = varied[0]["method"]
+    lines, qualifies, cost = [], {v: True for v in variants}, {}
+    medians: dict[str, list[float]] = {v: [] for v in variants}
+    for task in IG_COST_MARGINS:
+        reference = {r["seed"]: r for r in final_runs(runs, task, method, budget) if r["seed"] in seeds}
+        if set(reference) != seeds:
+            qualifies = {v: None for v in variants}
+            continue
+        floor, ref_median = (
+            seed_overlap(list(reference.values())),
+            statistics.median(r["dev_accuracy"] for r in reference.values()),
+        )
+        ref_rows = statistics.mean(rows(r) for r in reference.values())
+        lines.append(
+            f"| {task} | defaults ({method}) | {_acc(r['dev_accuracy'] for r in reference.values())} "
+            f"| {ref_median:.4f} |  | {floor:.3f} (seed to seed) | 1.00 |  |"
+        )
+        for variant in variants:
+            cell = {r["seed"]: r for r in varied if r["task"] == task and r["variant"] == variant}
+            if not cell:
+                qualifies[variant] = None
+                continue
+            dev = [cell[s]["dev_accuracy"] for s in sorted(cell)]
+            median = statistics.median(dev)
+            overlap = statistics.mean(allocation_overlap(cell[s], reference[s]) for s in cell)
+            share = statistics.mean(rows(r) for r in cell.values()) / ref_rows
+            cost[variant] = max(cost.get(variant, 0.0), share)
+            passed = median >= ref_median - IG_COST_MARGINS[task] and overlap >= floor
+            if set(cell) != seeds:
+                qualifies[variant] = None
+            elif qualifies[variant] is not None:
+                qualifies[variant] = qualifies[variant] and passed
+            medians[variant].append(median)
+            paired = paired_line(paired_difference(runs, task, method, method, budget, variant))
+            lines.append(
+                f"| {task} | {variant} | {_acc(dev)} | {median:.4f} | {paired} | {overlap:.3f} | {share:.2f} "
+                f"| {'yes' if passed else 'no'} |"
+            )
+    if not lines:
+        return []
+    if any(q is None for q in qualifies.values()):
+        verdict = "undecided until every variant has every seed on both tasks."
+    else:
+        passing = sorted((cost[v], -statistics.mean(medians[v]), v) for v, q in qualifies.items() if q)
+        verdict = (
+            f"qualify: {', '.join(v for _, _, v in passing)}; the rule makes {passing[0][2]} the default."
+            if passing
+            else "none qualifies: the defaults stay."
+        )
+    return [
+        f"## IG node rows where they count (issue #35.2, average rank {budget:g})",
+        "",
+        "| task | setting | dev (seeds) | dev median | setting - defaults (paired) | allocation overlap "
+        "| IG node rows / defaults | within the rule |",
+        "| --- | --- | --- | ---: | --- | ---: | ---: | --- |",
+        *lines,
+        "",
+        verdict,
         "",
     ]
 
@@ -684,6 +771,7 @@ def write_report(
                     lines += [f"![{image.stem}]({image.name})", ""]
         lines += defaults_section(runs, plan)
         lines += live_ranks_section(runs, plan)
+        lines += ig_cost_section(runs, plan)
     lines += ["## Matched-budget comparison", ""]
     for task in sorted({r["task"] for r in runs}):
         lines += main_table(runs, task)
