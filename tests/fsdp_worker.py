@@ -24,8 +24,8 @@ def config(**overrides) -> IGULoraConfig:
 
 def train(rank: int, world: int, shard: bool, save_dir: str | None = None, **overrides) -> dict:
     """Train a tiny Llama on this rank's slice of each global batch; masks, full weights and the
-    compaction warnings raised (none at the defaults: their orthogonality term keeps pruned ranks
-    masked before FSDP2 would; without the term, FSDP2's own warning)."""
+    compaction warnings raised (none with the orthogonality term over every rank: it keeps pruned
+    ranks masked before FSDP2 would; otherwise FSDP2's own warning)."""
     from torch.distributed.fsdp import fully_shard
 
     igu = get_igu_model(tiny_llama(torch.float64, seed=5), config(**overrides))

@@ -16,7 +16,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-TERM = {"orth_reg_weight": 0.25}  # the default's orthogonality term, over every rank
+TERM = {"orth_reg_weight": 0.25, "orth_reg_ranks": "all"}  # AdaLoRA's term, over every rank
 
 
 @pytest.mark.parametrize(
@@ -56,10 +56,15 @@ def test_two_process_run_matches_a_single_process_run(tmp_path, launcher, orth):
             torch.testing.assert_close(result["weights"][name], value, rtol=1e-9, atol=1e-12, msg=name)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"orth_reg_weight": 0.0}], ids=["defaults", "no-term"])
+@pytest.mark.parametrize(
+    "overrides",
+    [{"orth_reg_ranks": "all"}, {"orth_reg_ranks": "live"}, {"orth_reg_weight": 0.0}],
+    ids=["term-all", "term-live", "no-term"],
+)
 def test_fsdp2_two_process_run_matches_a_single_process_run(tmp_path, overrides):
-    """Masked either way: at the defaults the orthogonality term keeps pruned ranks (silently);
-    without it FSDP2's sharding does, and says so once per rank."""
+    """Masked in every case: with the orthogonality term over every rank the term keeps pruned
+    ranks (silently); over the kept ranks (sharded A and B masked) or without it, FSDP2's sharding
+    does, and says so once per rank."""
     pytest.importorskip("torch.distributed.fsdp")
     import fsdp_worker
     from safetensors.torch import load_file
@@ -73,7 +78,7 @@ def test_fsdp2_two_process_run_matches_a_single_process_run(tmp_path, overrides)
     assert kept == 2 * len(single["pattern"])
     assert single["compaction_warnings"] == []
     for result in ranks:
-        if overrides:
+        if overrides != {"orth_reg_ranks": "all"}:
             assert len(result["compaction_warnings"]) == 1 and "FSDP2" in result["compaction_warnings"][0]
         else:
             assert result["compaction_warnings"] == []  # the term blocks compaction before FSDP2 does
