@@ -160,16 +160,17 @@ class IGULoraConfig:
     return); ``"zero"`` zeroes pruned singular values in place like AdaLoRA (they may grow back).
     ``compact``: remove pruned triplets from the parameters, the optimizer state and the EMAs
     after each allocation, so that steps get cheaper as the budget falls. ``None`` (default): on
-    where it is exact (mask mode, no orthogonality term, an optimizer passed to
+    where it is exact (mask mode, no orthogonality term over pruned ranks, an optimizer passed to
     ``update_and_allocate`` whose state is elementwise, no FSDP2), masking otherwise; ``True``:
     the same, with a warning when it cannot; ``False``: always mask.
     ``init="adalora"``: E = 0, A, B ~ N(0, 0.02); ``"lora"``: B = 0, A Kaiming-uniform, E = 1.
     ``orth_reg_weight`` (default 0.25, by the rule of docs/results.md on four tasks; 0 turns it
     off and lets ``compact`` run) adds AdaLoRA's orthogonality term (method.md) from optimizer step
     ``orth_reg_start`` on (``"tinit"``: once the initial phase has grown E; from step 0 its gradient
-    alone fills Adam's second moments of A and B while E = 0, docs/results.md), over every rank
-    (``orth_reg_ranks="all"``, AdaLoRA's) or over the kept ranks only (``"live"``: pruned rows of
-    A and columns of B leave the term, so ``compact`` stays exact with it on).
+    alone fills Adam's second moments of A and B while E = 0, docs/results.md), over the kept ranks
+    only (``orth_reg_ranks="live"``, the default since issue #35's rule: pruned rows of A and
+    columns of B leave the term, so ``compact`` stays exact with it on) or over every rank
+    (``"all"``, AdaLoRA's, which keeps compaction off).
 
     Each field is checked on construction (and by :meth:`from_dict`, for a JSON save) against its
     entry of ``FIELD_RULES``, its type (a bool is not a number, an int is a float) and range, then
@@ -202,7 +203,9 @@ class IGULoraConfig:
     # is igulora's w / 2, so 0.25 is PEFT AdaLoRA's 0.5.
     orth_reg_weight: float = 0.25
     orth_reg_start: int | str = 0  # an optimizer step, or "tinit"
-    orth_reg_ranks: str = "all"  # or "live": the term over kept ranks only, which compaction keeps exact
+    # "live" since issue #35.1's non-inferiority rule on four tasks (docs/results.md): the term over
+    # the kept ranks, which compaction keeps exact; "all" is AdaLoRA's
+    orth_reg_ranks: str = "live"
     ig_rule: str = "gauss_legendre"  # defaults from docs/results.md (IG accuracy study)
     ig_steps: int | str = 3  # or "auto"
     ig_tolerance: float = 0.09  # 3 nodes' residual in the IG accuracy study (docs/results.md)

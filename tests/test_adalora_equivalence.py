@@ -39,6 +39,7 @@ def _igu_model_like(peft_model, orth):
         score="product",
         prune_mode="zero",
         orth_reg_weight=orth / 2,  # PEFT averages over matrices, method.md over adapters
+        orth_reg_ranks="all",  # PEFT's term reaches every rank
         **SCHEDULE,
     )
     igu = get_igu_model(model, config)

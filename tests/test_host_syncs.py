@@ -58,10 +58,10 @@ def assert_same_counts(small: dict[str, Counter], large: dict[str, Counter], wha
 
 
 def masked_steady_state(layers: int) -> dict[str, Counter]:
-    """One rank of each adapter pruned (masked: the default orthogonality term keeps compaction
-    off) and a budget that keeps the rest, so allocation steps change no mask: a scoring and a
-    plain step before ``tinit`` and after, past a warm-up pair."""
-    igu = tiny_igu(layers, target_r=3)
+    """One rank of each adapter pruned (masked: AdaLoRA's orthogonality term over every rank keeps
+    compaction off) and a budget that keeps the rest, so allocation steps change no mask: a
+    scoring and a plain step before ``tinit`` and after, past a warm-up pair."""
+    igu = tiny_igu(layers, target_r=3, orth_reg_ranks="all")
     with torch.no_grad():
         for layer in igu.adapters.values():
             layer.rank_mask[0] = False
@@ -82,7 +82,7 @@ def test_allocation_host_syncs_do_not_grow_with_adapters(backend, compact, monke
     monkeypatch.setenv("IGULORA_BACKEND", backend)
 
     def counts(layers: int) -> dict[str, Counter]:
-        igu = tiny_igu(layers, target_r=2, orth_reg_weight=0.0 if compact else 0.25)
+        igu = tiny_igu(layers, target_r=2, orth_reg_ranks="live" if compact else "all")  # the term on
         pruned = step_syncs(igu, range(TINIT + 1, TINIT + 3))
         assert sum(igu.active_ranks.values()) < 4 * len(igu.adapters)
         return pruned

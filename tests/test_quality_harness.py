@@ -568,7 +568,7 @@ def test_the_live_ranks_section_pairs_seeds_and_waits_for_every_task():
         live = [0.78, 0.77, 0.78] if task in ("sst2", "rte") else [0.80, 0.80, 0.80]
         runs += [{**r, "method": "igu-orth-live"} for r in _cells(task, "igu-orth", live) if r["lr"] == 2e-3]
     lines = report.live_ranks_section(runs, plan)
-    assert lines[-2].endswith("the rule keeps orth_reg_ranks = 'all'."), lines[-2]
+    assert lines[-2].endswith("the rule sets orth_reg_ranks = 'all'."), lines[-2]
     assert "sst2 +0.0200, rte +0.0200, subj +0.0000" in lines[-2]  # medians 0.80 - 0.78
     row = next(line for line in lines if line.startswith("| rte |"))
     assert "dev -0.0200 +- 0.0000 over 3 seeds" in row

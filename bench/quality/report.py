@@ -450,7 +450,7 @@ def live_ranks_section(runs: list[dict], plan: SweepPlan) -> list[str]:
     state = (
         f"undecided until {', '.join(missing)} {verb} every seed of both."
         if missing
-        else f"the rule keeps orth_reg_ranks = '{live_verdict(shortfall)}'."
+        else f"the rule sets orth_reg_ranks = '{live_verdict(shortfall)}'."
     )
     return [
         f"## The term over all ranks against the kept ones (issue #35.1, average rank {budget:g})",
