@@ -66,6 +66,7 @@ from glue import (  # noqa: E402
     epoch_steps,
     load_runs,
     minilm_path,
+    peft_build,
     run_args,
     selected_lr,
     split_train,
@@ -198,7 +199,7 @@ class ChatBatches(Batches):
 
 def causal_build(method: str, model, total: int, seed: int, igu_overrides: dict):
     """(module, loss(batch), after_step(step, optimizer)): glue.py's ``build`` for a causal LM with
-    every linear of its layers adapted."""
+    every linear of its layers adapted (its PEFT methods are glue.py's own, on LLAMA_LINEARS)."""
     tinit, tfinal = windows(total)
     knobs = budget_knobs()
     if method == "igu":
@@ -211,24 +212,7 @@ def causal_build(method: str, model, total: int, seed: int, igu_overrides: dict)
             lambda batch: igu.training_loss(batch, causal_lm_row_loss),
             lambda step, optimizer: igu.update_and_allocate(step, optimizer=optimizer),
         )
-    from peft import AdaLoraConfig, LoraConfig, get_peft_model
-
-    common = dict(target_modules=LLAMA_LINEARS, lora_dropout=0.0)
-    if method == "lora":
-        r = budget_ranks(BUDGET)["lora_r"]
-        peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=SCALE * r, **common))
-        return peft_model, lambda batch: peft_model(**batch).loss, lambda step, optimizer: None
-    # no task_type: a plain PeftModel, whose loss has no orthogonality term (see glue.build)
-    task_type = "CAUSAL_LM" if method == "adalora-orth" else None
-    config = AdaLoraConfig(
-        **knobs, total_step=total, tinit=tinit, tfinal=tfinal, deltaT=10, beta1=0.85, beta2=0.85,
-        orth_reg_weight=0.5, task_type=task_type, **common,
-    )  # fmt: skip
-    peft_model = get_peft_model(model, config)
-    allocator = peft_model.base_model.rankallocator
-    allocator.target_bgt = round(allocator.target_bgt)
-    allocate = peft_model.base_model.update_and_allocate
-    return peft_model, lambda batch: peft_model(**batch).loss, lambda step, optimizer: allocate(step)
+    return peft_build(method, model, total, BUDGET, LLAMA_LINEARS, "CAUSAL_LM")
 
 
 def causal_run(spec: dict, model, tokenizer) -> Run:

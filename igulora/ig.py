@@ -170,6 +170,12 @@ def batch_rows(batch: Batch) -> int:
     return rows
 
 
+def ig_row_count(ig_fraction: float, n_train: int) -> int:
+    """Rows of the IG sub-batch of a batch of ``n_train``: ``ig_fraction`` of it, half rounding
+    up, at least one."""
+    return max(1, math.floor(ig_fraction * n_train + 0.5))
+
+
 def build_node_batch(
     batch: Batch, quad: Quadrature, ig_fraction: float, generator: torch.Generator | None = None
 ) -> NodeBatch:
@@ -177,7 +183,7 @@ def build_node_batch(
     n_train = batch_rows(batch)
     tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
     device = next(iter(tensors.values())).device
-    n_ig = max(1, math.floor(ig_fraction * n_train + 0.5))  # half rounds up
+    n_ig = ig_row_count(ig_fraction, n_train)
     ig_index = torch.randperm(n_train, generator=generator)[:n_ig].sort().values.to(device)
     inner = [(a, w) for a, w in quad if a < 1.0]
     stacked = {k: torch.cat([v] + [v[ig_index]] * len(inner)) for k, v in tensors.items()}

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import resource
 import statistics
@@ -49,7 +48,7 @@ from runs import claimed, ensure, load_runs, run_key, run_spec  # noqa: E402
 
 from igulora.data import load_examples  # noqa: E402
 from igulora.finetune import Batches, FinetuneArgs, evaluate, igu_config, warmup_linear_schedule  # noqa: E402
-from igulora.ig import sequence_classification_row_loss  # noqa: E402
+from igulora.ig import ig_row_count, sequence_classification_row_loss  # noqa: E402
 from igulora.model import get_igu_model  # noqa: E402
 from igulora.quadrature import quadrature  # noqa: E402
 
@@ -223,10 +222,24 @@ def build(method: str, model, args: FinetuneArgs, total_step: int, budget: float
             lambda batch: igu.training_loss(batch, sequence_classification_row_loss),
             lambda step, optimizer: igu.update_and_allocate(step, optimizer=optimizer),
         )
+    return peft_build(method, model, total_step, budget, ENCODER_LINEARS, "SEQ_CLS", ["classifier"])
+
+
+def peft_build(
+    method: str,
+    model,
+    total_step: int,
+    budget: float | None,
+    target_modules,
+    task_type: str,
+    modules_to_save: list[str] | None = None,
+):
+    """:func:`build`'s PEFT methods on ``target_modules``: LoRA at the budget's uniform rank, or
+    AdaLoRA on the adaptive schedule (``task_type`` only for "adalora-orth", see below)."""
     from peft import AdaLoraConfig, LoraConfig, get_peft_model
 
     ranks = budget_ranks(budget)
-    common = dict(target_modules=ENCODER_LINEARS, modules_to_save=["classifier"], lora_dropout=0.0)
+    common = dict(target_modules=target_modules, modules_to_save=modules_to_save, lora_dropout=0.0)
     if method == "lora":
         if ranks["lora_r"] is None:
             raise ValueError(f"no uniform LoRA rank has an average of {budget}")
@@ -248,7 +261,7 @@ def build(method: str, model, args: FinetuneArgs, total_step: int, budget: float
         # orthogonality term (added only in AdaLoraModel.forward) never enters the loss, as in
         # every AdaLoRA run before the budget sweep (tests/test_quality_harness.py checks it).
         # "adalora-orth": the task-typed model PEFT users get, whose loss carries the term.
-        task_type="SEQ_CLS" if method == "adalora-orth" else None,
+        task_type=task_type if method == "adalora-orth" else None,
         **common,
     )
     peft_model = get_peft_model(model, config)
@@ -417,10 +430,11 @@ def method_lr(
 
 def ig_row_evaluations(run: dict) -> float:
     """The IG node rows a run evaluated (expected, for a sampled node): per scoring step, the nodes
-    below alpha = 1 times the IG sub-batch of a batch of 32."""
+    below alpha = 1 times the IG sub-batch of its batch."""
     overrides = method_overrides(run["method"], run.get("budget"), run.get("overrides", {}))
-    config = igu_config(run_args(run["task"], run["steps"], **overrides), None)
-    rows = max(1, math.floor(config.ig_fraction * 32 + 0.5))
+    args = run_args(run["task"], run["steps"], **overrides)
+    config = igu_config(args, None)
+    rows = ig_row_count(config.ig_fraction, args.batch_size)
     if config.ig_rule == "stochastic":  # E[distinct grid nodes below 1 among ig_steps draws]
         share = quadrature("trapezoid", config.stochastic_grid).weights
         p = torch.tensor(share, dtype=torch.float64) / sum(share)
