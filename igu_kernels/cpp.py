@@ -10,6 +10,8 @@ one and never rebuild each other's. Processes of one environment take an exclusi
 the directory before building or loading: the kernel drops it when its holder dies, so a killed
 build never blocks (its leftover ``torch.utils.cpp_extension`` lock is removed, with a warning),
 and a live build elsewhere is waited for at most ``IGULORA_CPP_WAIT_S`` seconds (default 600).
+A finished build is loaded directly (no ninja run, no subprocess), so processes that start
+together, such as the ranks of a distributed job, only wait for each other's dlopen.
 
 Prebuild: ``python -m igu_kernels.cpp --build``.
 """
@@ -124,7 +126,8 @@ def _exclusive(directory: Path) -> Iterator[None]:
                     f.seek(0)
                     owner = f.read().strip() or "another process"
                     print(
-                        f"igulora: waiting for {owner} to build the C++ ops in {directory}",
+                        f"igulora: waiting for {owner}, which is building or loading the C++ ops"
+                        f" in {directory}",
                         file=sys.stderr,
                     )
                     announced = True
@@ -152,34 +155,22 @@ def load() -> bool:
     if hasattr(torch.ops, "igulora") and hasattr(torch.ops.igulora, "score_update_"):
         return True
     try:
-        from torch.utils import cpp_extension
-
         if not SOURCE.is_file():
             raise FileNotFoundError(f"{SOURCE} is missing")
-        cpp_extension.verify_ninja_availability()
         directory = build_dir()
         with _exclusive(directory):
             leftover = directory / "lock"  # cpp_extension's own lock: under ours, only a dead build's
-            if leftover.exists():
+            killed = leftover.exists()
+            if killed:
                 warnings.warn(
                     f"igulora: removing {leftover}, left by a C++ build that was killed; rebuilding",
                     stacklevel=3,
                 )
                 leftover.unlink()
-            if not _built(directory):
-                print(
-                    f"igulora: building the C++ CPU ops (once per environment, about 1 min) in {directory}",
-                    file=sys.stderr,
-                )
-            cpp_extension.load(
-                name=NAME,
-                sources=[str(SOURCE)],
-                extra_cflags=list(CFLAGS),  # copies: cpp_extension appends to them
-                extra_ldflags=list(LDFLAGS),
-                build_directory=str(directory),
-                is_python_module=False,
-                verbose=False,
-            )
+            if _built(directory) and not killed:  # a plain dlopen: no ninja, no subprocess
+                torch.ops.load_library(str(directory / f"{NAME}.so"))
+            else:
+                _build_and_load(directory)
     except Exception as error:  # no compiler, no ninja, a failed build, a timeout: fall back, loudly once
         last_line = (str(error).strip().splitlines() or [""])[-1][:300]
         _why_not = f"{type(error).__name__}: {last_line}"
@@ -187,6 +178,26 @@ def load() -> bool:
         return False
     _register_fakes()
     return True
+
+
+def _build_and_load(directory: Path) -> None:
+    """Compile ``SOURCE`` with ninja into ``directory`` (under our lock) and load the library."""
+    from torch.utils import cpp_extension
+
+    cpp_extension.verify_ninja_availability()
+    print(
+        f"igulora: building the C++ CPU ops (once per environment, about 1 min) in {directory}",
+        file=sys.stderr,
+    )
+    cpp_extension.load(
+        name=NAME,
+        sources=[str(SOURCE)],
+        extra_cflags=list(CFLAGS),  # copies: cpp_extension appends to them
+        extra_ldflags=list(LDFLAGS),
+        build_directory=str(directory),
+        is_python_module=False,
+        verbose=False,
+    )
 
 
 def why_not() -> str | None:

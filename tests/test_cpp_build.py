@@ -15,13 +15,14 @@ from igu_kernels import cpp
 
 ROOT = Path(__file__).resolve().parents[1]
 LOAD = "from igu_kernels import cpp; print(cpp.load(), cpp.why_not())"
+NO_BUILD = "import torch.utils.cpp_extension as c; c.load = c.verify_ninja_availability = None; "
 fcntl = pytest.importorskip("fcntl")
 
 
-def _loader(cache: Path, **env: str) -> subprocess.Popen:
+def _loader(cache: Path, *, prelude: str = "", **env: str) -> subprocess.Popen:
     """A fresh process that loads the ops from ``cache`` (its own session: killable as a group)."""
     return subprocess.Popen(
-        [sys.executable, "-c", LOAD],
+        [sys.executable, "-c", prelude + LOAD],
         env={**os.environ, "IGULORA_CPP_CACHE": str(cache), **env},
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -57,6 +58,11 @@ def test_processes_started_together_share_one_build_and_later_ones_reuse_it(cach
     out, err = _finish(_loader(cache))
     assert out.startswith("True") and "building" not in err
     assert _compiles(cpp.build_dir()) == 1
+    out, err = _finish(_loader(cache, prelude=NO_BUILD))  # a built library loads without ninja
+    assert out.startswith("True"), (out, err)
+    (cpp.build_dir() / f"{cpp.NAME}.so").unlink()
+    out, _ = _finish(_loader(cache, prelude=NO_BUILD))  # ...and only a built one does
+    assert out.startswith("False TypeError"), out
 
 
 def test_a_build_killed_midway_never_blocks_the_next_process(cache):
@@ -83,7 +89,7 @@ def test_a_live_build_elsewhere_is_waited_for_within_a_bound(cache):
         started = time.monotonic()
         out, err = _finish(_loader(cache, IGULORA_CPP_WAIT_S="1"), timeout=120)
     assert time.monotonic() - started < 60
-    assert "waiting for process 4242 to build the C++ ops" in err
+    assert "waiting for process 4242, which is building or loading the C++ ops" in err
     assert out.startswith("False TimeoutError") and "IGULORA_CPP_WAIT_S" in out
     assert "C++ CPU ops unavailable" in err  # the one warning; igulora runs on eager
 

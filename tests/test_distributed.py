@@ -19,6 +19,14 @@ def _free_port() -> int:
 TERM = {"orth_reg_weight": 0.25, "orth_reg_ranks": "all"}  # AdaLoRA's term, over every rank
 
 
+@pytest.fixture(autouse=True)
+def _cpp_ops_built() -> None:
+    """Build the C++ ops here, before any rank starts: the ranks then only load them."""
+    from igu_kernels import cpp
+
+    cpp.load()
+
+
 @pytest.mark.parametrize(
     "launcher, orth",
     [
