@@ -56,24 +56,23 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench" / "quality")]
 
+from causal import FRAMES, ChatBatches, budget_knobs, causal_build, windows  # noqa: E402
 from glue import (  # noqa: E402
     RESULTS,
-    SCALE,
     TASKS,
     active_ranks,
     budget_ranks,
     build,
     epoch_steps,
+    knobs,
     load_runs,
     minilm_path,
-    peft_build,
     run_args,
     selected_lr,
     split_train,
 )
 
-from bench.compaction import LLAMA_LINEARS, state_bytes, trainable  # noqa: E402
-from igulora import IGULoraConfig, causal_lm_row_loss, get_igu_model  # noqa: E402
+from bench.compaction import state_bytes, trainable  # noqa: E402
 from igulora.data import Example, load_examples  # noqa: E402
 from igulora.finetune import Batches, FinetuneArgs, evaluate, warmup_linear_schedule  # noqa: E402
 from igulora.pretrained import load_smollm2  # noqa: E402
@@ -88,8 +87,6 @@ LABELS = {
 }
 GLUE_METHOD = {"igu": "igu-orth", "adalora-orth": "adalora-orth", "adalora": "adalora", "lora": "lora"}
 PHASES = ("initial", "budget", "final")
-ASK = "Is the sentiment of this movie review positive or negative? Answer in one word.\n\n"
-ANSWERS = ("negative", "positive")  # SST-2's labels 0 and 1
 ADAPTER_A = ("lora_A", "lora_A.default", "lora_A.default.weight")  # IGU-LoRA, PEFT AdaLoRA, PEFT LoRA
 
 
@@ -101,25 +98,13 @@ class Run:
     loss: Callable[[dict], torch.Tensor]
     after_step: Callable[[int, torch.optim.Optimizer], None]  # the allocator's call
     batches: Callable[[int], dict]  # batch ``step`` of the run
-    accuracy: Callable[[], float]  # dev accuracy
+    evaluate: Callable[[], dict[str, float]]  # {"dev_accuracy": ...} (and "val_accuracy")
     schedule: FinetuneArgs | SimpleNamespace  # warmup and max_steps of the lr schedule
-
-
-def windows(total: int) -> tuple[int, int]:
-    """(tinit, tfinal) of a run of ``total`` steps: glue.py's, for every method."""
-    return total // 10, total // 5
 
 
 def phase(step: int, total: int) -> str:
     tinit, tfinal = windows(total)
     return "initial" if step < tinit else "budget" if step < total - tfinal else "final"
-
-
-def budget_knobs() -> dict:
-    """init_r, target_r and lora_alpha of the adaptive methods (names of IGULoraConfig and
-    FinetuneArgs alike)."""
-    init_r = budget_ranks(BUDGET)["init_r"]
-    return dict(init_r=init_r, target_r=BUDGET, lora_alpha=SCALE * init_r)
 
 
 # ---- MiniLM: glue.py's protocol -------------------------------------------------------------------
@@ -129,7 +114,7 @@ def minilm_run(spec: dict) -> Run:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     train, _, dev = split_train("sst2")
-    overrides = {**budget_knobs(), **spec.get("igu_overrides", {})}  # FinetuneArgs names
+    overrides = {**budget_knobs(BUDGET), **spec.get("igu_overrides", {})}  # FinetuneArgs names
     args = run_args("sst2", spec["steps"], seed=spec["seed"], lr=spec["lr"], **overrides)
     path = minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -138,94 +123,52 @@ def minilm_run(spec: dict) -> Run:
     module, loss, after_step = build(GLUE_METHOD[spec["method"]], model, args, spec["steps"], BUDGET)
     batches = Batches(train, tokenizer, args)
     return Run(
-        module, loss, after_step, batches, lambda: evaluate(module, dev, batches)["eval_accuracy"], args
+        module,
+        loss,
+        after_step,
+        batches,
+        lambda: {"dev_accuracy": evaluate(module, dev, batches)["eval_accuracy"]},
+        args,
     )
 
 
 # ---- a causal LM: SST-2 as generation -------------------------------------------------------------
 
 
-class ChatBatches(Batches):
-    """Batches' order (a permutation per epoch, seeded by the run's seed), each example a chat prompt
-    and its answer word, right-padded, labelled -100 but on the answer tokens."""
-
-    def __init__(self, examples: list[Example], tokenizer, batch_size: int, seed: int) -> None:
-        super().__init__(
-            examples, tokenizer, SimpleNamespace(batch_size=batch_size, seed=seed, group_by_length=False)
-        )
-
-    def encode(self, chunk: list[Example], pad: bool = True) -> dict[str, torch.Tensor]:
-        return self.frame([(e.text, ANSWERS[e.label]) for e in chunk])
-
-    def frame(self, pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
-        """(review, answer) pairs as one batch: prompt and answer tokenized apart (no merge across)."""
-        tok = self.tokenizer
-
-        def ids(text: str) -> list[int]:
-            return tok(text, add_special_tokens=False)["input_ids"]
-
-        def prompt(text: str) -> str:
-            chat = [{"role": "user", "content": ASK + text.strip()}]
-            return tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
-
-        rows = [(ids(prompt(text)), ids(answer)) for text, answer in pairs]
-        width = max(len(p) + len(a) for p, a in rows)
-        batch = {
-            "input_ids": torch.full((len(rows), width), tok.pad_token_id),
-            "attention_mask": torch.zeros(len(rows), width, dtype=torch.long),
-            "labels": torch.full((len(rows), width), -100),
-        }
-        for i, (p, a) in enumerate(rows):
-            batch["input_ids"][i, : len(p) + len(a)] = torch.tensor(p + a)
-            batch["attention_mask"][i, : len(p) + len(a)] = 1
-            batch["labels"][i, len(p) : len(p) + len(a)] = torch.tensor(a)
-        return batch
-
-    @torch.no_grad()
-    def accuracy(self, module: torch.nn.Module, examples: list[Example]) -> float:
-        """The share of ``examples`` whose label word has the higher summed log-likelihood."""
-        was_training = module.training
-        module.eval()
-        right = 0
-        for start in range(0, len(examples), self.args.batch_size):
-            chunk = examples[start : start + self.args.batch_size]
-            batch = self.frame([(e.text, answer) for e in chunk for answer in ANSWERS])
-            nll, _ = causal_lm_row_loss(module, batch)  # summed over each row's answer tokens
-            picks = nll.view(-1, len(ANSWERS)).argmin(1).tolist()
-            right += sum(pick == e.label for pick, e in zip(picks, chunk))
-        module.train(was_training)
-        return right / len(examples)
-
-
-def causal_build(method: str, model, total: int, seed: int, igu_overrides: dict):
-    """(module, loss(batch), after_step(step, optimizer)): glue.py's ``build`` for a causal LM with
-    every linear of its layers adapted (its PEFT methods are glue.py's own, on LLAMA_LINEARS)."""
-    tinit, tfinal = windows(total)
-    knobs = budget_knobs()
-    if method == "igu":
-        config = IGULoraConfig(
-            **knobs, total_step=total, tinit=tinit, tfinal=tfinal, delta_t=10, seed=seed, **igu_overrides
-        )  # target_modules: the default "all-linear"
-        igu = get_igu_model(model, config)
-        return (
-            igu,
-            lambda batch: igu.training_loss(batch, causal_lm_row_loss),
-            lambda step, optimizer: igu.update_and_allocate(step, optimizer=optimizer),
-        )
-    return peft_build(method, model, total, BUDGET, LLAMA_LINEARS, "CAUSAL_LM")
+def causal_examples(spec: dict) -> tuple[list[Example], dict[str, list[Example]]]:
+    """(train, {"val": ..., "dev": ...}) of a causal run: the first ``train_examples`` /
+    ``dev_examples`` lines of ``train_file`` / ``dev_file`` (SST-2's format), or glue.py's split of
+    ``task`` (its val carved from train), the first ``train_examples`` / ``val_examples`` /
+    ``dev_examples`` of each (an empty one left out)."""
+    if "train_file" in spec:
+        read = TASKS["sst2"]["load"]
+        train = load_examples(spec["train_file"], task="classification", **read)
+        dev = load_examples(spec["dev_file"], task="classification", **read)
+        return train[: spec["train_examples"]], {"dev": dev[: spec["dev_examples"]]}
+    train, val, dev = split_train(spec["task"])
+    evals = {"val": val[: spec["val_examples"]], "dev": dev[: spec["dev_examples"]]}
+    return train[: spec["train_examples"]], {name: examples for name, examples in evals.items() if examples}
 
 
 def causal_run(spec: dict, model, tokenizer) -> Run:
-    read = TASKS["sst2"]["load"]
-    train = load_examples(spec["train_file"], task="classification", **read)[: spec["train_examples"]]
-    dev = load_examples(spec["dev_file"], task="classification", **read)[: spec["dev_examples"]]
+    train, evals = causal_examples(spec)
+    batches = ChatBatches(train, tokenizer, spec["batch"], spec["seed"], FRAMES[spec.get("task", "sst2")])
     torch.manual_seed(spec["seed"])  # the adapters' init
     module, loss, after_step = causal_build(
-        spec["method"], model, spec["steps"], spec["seed"], spec.get("igu_overrides", {})
+        spec["method"],
+        model,
+        spec["steps"],
+        spec["seed"],
+        spec.get("budget", BUDGET),
+        spec.get("igu_overrides", {}),
+        batches,
     )
-    batches = ChatBatches(train, tokenizer, spec["batch"], spec["seed"])
     schedule = SimpleNamespace(warmup=FinetuneArgs.warmup, max_steps=spec["steps"])
-    return Run(module, loss, after_step, batches, lambda: batches.accuracy(module, dev), schedule)
+
+    def scores() -> dict[str, float]:
+        return {f"{name}_accuracy": batches.accuracy(module, examples) for name, examples in evals.items()}
+
+    return Run(module, loss, after_step, batches, scores, schedule)
 
 
 # ---- one method's whole run ---------------------------------------------------------------------
@@ -253,7 +196,7 @@ def run_method(spec: dict, load: Callable[[], tuple] | None = None) -> dict:
         seconds[phase(step, spec["steps"])].append(time.perf_counter() - start)
         losses.append(float(getattr(run.module, "last_loss", loss.detach())))  # IGU-LoRA: its training rows'
     start = time.perf_counter()
-    accuracy = run.accuracy()
+    accuracy = run.evaluate()
     eval_s = time.perf_counter() - start
     kept = active_ranks(run.module)
     held = [p.shape[0] for n, p in run.module.named_parameters() if n.endswith(ADAPTER_A)]
@@ -266,7 +209,7 @@ def run_method(spec: dict, load: Callable[[], tuple] | None = None) -> dict:
         "median_step_s": {p: statistics.median(s) if s else None for p, s in seconds.items()},
         "eval_s": eval_s,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "dev_accuracy": accuracy,
+        **accuracy,
         "final_loss": statistics.mean(losses[-20:]),
         "trainable_params": trainable(run.module),
         "trainable_bytes": sum(p.numel() * p.element_size() for p in params),
@@ -275,7 +218,9 @@ def run_method(spec: dict, load: Callable[[], tuple] | None = None) -> dict:
         "kept_triplets": sum(kept.values()),
         "held_ranks": sum(held),  # < init_r x adapted_linears: compacted
         "active_ranks": kept,
+        "igu_config": knobs(run.module.config) if hasattr(run.module, "allocator") else None,
         "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
     }
 
 

@@ -11,8 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [
+    str(Path(__file__).resolve().parents[1]),
+    str(Path(__file__).resolve().parents[1] / "bench" / "quality"),
+]
 pytest.importorskip("peft")
+import causal  # noqa: E402
 from conftest import char_tokenizer, tiny_llama  # noqa: E402
 
 from bench import whole_run  # noqa: E402
@@ -62,8 +66,8 @@ def records(tmp_path_factory) -> dict[str, dict]:
 
 def test_the_framing_masks_all_but_the_answer_and_scores_its_log_likelihood():
     model, tokenizer = backbone()
-    batches = whole_run.ChatBatches(
-        [Example("great", label=1), Example("a dull film", label=0)], tokenizer, 2, 0
+    batches = causal.ChatBatches(
+        [Example("great", label=1), Example("a dull film", label=0)], tokenizer, 2, 0, causal.FRAMES["sst2"]
     )
     batch = batches.encode(batches.examples)
     for row, answer in zip(range(2), ("positive", "negative")):

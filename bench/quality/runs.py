@@ -71,9 +71,9 @@ def _claim(spec: dict, path: Path) -> Path | None:
     return None
 
 
-def run_spec(spec: dict, path: Path, label: str = "") -> None:
-    """Run ``spec`` in a subprocess and append its record to ``path`` (unless it is recorded or
-    another driver runs it)."""
+def run_spec(spec: dict, path: Path, label: str = "", script: Path = GLUE) -> None:
+    """Run ``spec`` in a subprocess (``script one SPEC``: glue.py's, or decoder.py's) and append its
+    record to ``path`` (unless it is recorded or another driver runs it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if run_key(spec) in {run_key(r) for r in load_runs(path)}:
         return
@@ -84,7 +84,10 @@ def run_spec(spec: dict, path: Path, label: str = "") -> None:
         print(f"{label}{run_key(spec)}", flush=True)
         started = time.time()
         out = subprocess.run(
-            [sys.executable, str(GLUE), "one", json.dumps(spec)], capture_output=True, text=True, check=False
+            [sys.executable, str(script), "one", json.dumps(spec)],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if out.returncode != 0:
             raise RuntimeError(f"run {run_key(spec)} failed:\n{out.stderr[-3000:]}")
@@ -99,10 +102,10 @@ def run_spec(spec: dict, path: Path, label: str = "") -> None:
         claim.unlink(missing_ok=True)
 
 
-def ensure(specs: list[dict], path: Path) -> list[dict]:
+def ensure(specs: list[dict], path: Path, script: Path = GLUE) -> list[dict]:
     """Run the specs not yet recorded in ``path`` (one subprocess each); return all their records.
     The file is re-read before each run, so two drivers can share it (two lanes on two cores)."""
     for number, one in enumerate(specs, 1):
-        run_spec(one, path, f"[{number}/{len(specs)}] ")
+        run_spec(one, path, f"[{number}/{len(specs)}] ", script)
     done = {run_key(r): r for r in load_runs(path)}
     return [done[run_key(s)] for s in specs if run_key(s) in done]

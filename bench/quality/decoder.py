@@ -1,0 +1,167 @@
+"""The decoder track (issue #36.1): SmolLM2-135M-Instruct with adapters on q, k, v, o, gate, up
+and down of all 30 layers (210 linears), SST-2 and RTE framed as generation (``causal.py``), at
+an average final rank of 2 per adapted linear: IGU-LoRA at its defaults, PEFT AdaLoRA with and
+without its term and PEFT EVA from 8 ranks, PEFT LoRA at r = 2.
+
+    python bench/quality/decoder.py estimate                 # the plan's runs and machine time
+    python bench/quality/decoder.py sweep --task sst2        # lr search (seed 0), then seeds 1, 2
+    python bench/quality/decoder.py sweep --task rte         # seeds 0-2 at the lr chosen on SST-2
+    python bench/quality/decoder.py one '{"task": ...}'      # one cell's run: its record on stdout
+
+The protocol, fixed before any run:
+- **Data**: glue.py's split of each task (val carved from train, never trained on; the dev file is
+  the reported test set). Every method trains on the same fixed subsample, the first
+  ``steps x batch`` examples of the carved train (one pass, in a per-seed order), and is scored on
+  the first ``val_examples`` / ``dev_examples`` of val / dev (PROTOCOL).
+- **Learning rate**: per method, the lr of LR_GRID with the best seed-0 val accuracy on SST-2 (ties:
+  the smaller); RTE runs at it (LR_FROM), and every method runs seeds 0-2 at its lr.
+- **Records**: ``bench/results/quality/decoder-runs.jsonl``, glue.py's format (one JSON line per
+  run, the same keys: task, method, lr, seed, variant, budget, igu_config, val/dev accuracy), each
+  run in its own process (``bench/whole_run.py``'s ``run_method``, so the record also has its
+  per-phase seconds, peak RSS and memory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).resolve().parent)]
+
+from causal import CAUSAL_METHODS, budget_knobs, windows  # noqa: E402
+from glue import RESULTS, knobs  # noqa: E402
+from report import best_of  # noqa: E402
+from runs import ensure, load_runs, run_key  # noqa: E402
+
+from igulora import IGULoraConfig  # noqa: E402
+
+RUNS = RESULTS / "decoder-runs.jsonl"
+BUDGET = 2.0
+SEEDS = (0, 1, 2)
+LR_GRID = (1e-3, 3e-3)
+LR_FROM = {"rte": "sst2"}  # a task whose runs take the lr selected on another
+# steps x batch training examples; RTE's prompts are about twice SST-2's, hence fewer steps, and
+# it selects no lr (no val). Sized so that the whole plan fits about 10 hours here.
+PROTOCOL = {
+    "sst2": dict(steps=150, batch=8, val_examples=200, dev_examples=300),
+    "rte": dict(steps=120, batch=8, val_examples=0, dev_examples=277),
+}
+# Seconds per run before any record exists: bench/whole_run.py's SmolLM2 runs (2026-12-07, batch
+# 8, SST-2: 3.6-4.8 s a step, 0.45 s per dev review), RTE's steps twice as long.
+PRIOR_STEP_S = {"igu": 4.8, "adalora-orth": 4.3, "adalora": 4.0, "lora": 3.6, "eva": 3.6}
+PRIOR_EVAL_S, PRIOR_LOAD_S = 0.45, 25.0
+TOKENS_FACTOR = {"sst2": 1.0, "rte": 2.0}
+
+
+def spec(task: str, method: str, lr: float, seed: int) -> dict:
+    """One run of the track; IGU-LoRA's carry the knobs it will compute with."""
+    protocol = PROTOCOL[task]
+    one = {
+        "track": "decoder",
+        "model": "smollm2",
+        "task": task,
+        "method": method,
+        "lr": lr,
+        "seed": seed,
+        "variant": "default",
+        "budget": BUDGET,
+        **protocol,
+        "train_examples": protocol["steps"] * protocol["batch"],
+    }
+    if method == "igu":
+        tinit, tfinal = windows(protocol["steps"])
+        config = IGULoraConfig(
+            **budget_knobs(BUDGET), total_step=protocol["steps"], tinit=tinit, tfinal=tfinal
+        )
+        one["igu_config"] = knobs(config)
+    return one
+
+
+def selected_lr(runs: list[dict], task: str, method: str) -> float | None:
+    """The lr of ``method``'s seed-0 search on ``task`` (or its LR_FROM task); None until complete."""
+    task = LR_FROM.get(task, task)
+    search = [r for r in runs if (r["task"], r["method"], r["seed"]) == (task, method, 0)]
+    return best_of(search)["lr"] if {r["lr"] for r in search} >= set(LR_GRID) else None
+
+
+def plan(runs: list[dict], task: str, methods) -> list[dict]:
+    """Every run of ``task``'s cells: the lr search where the task selects its own lr, then the
+    seeds at the selected lr (a placeholder lr of None where the search is unfinished)."""
+    todo = []
+    for method in methods:
+        if task not in LR_FROM:
+            todo += [spec(task, method, lr, 0) for lr in LR_GRID]
+        lr = selected_lr(runs, task, method)
+        seeds = SEEDS if task in LR_FROM else SEEDS[1:]
+        todo += [spec(task, method, lr, seed) for seed in seeds]
+    return todo
+
+
+def run_seconds(runs: list[dict], one: dict) -> float:
+    """A run's expected wall time: the median of its cell's recorded runs, else the prior."""
+    recorded = [r["wall_s"] for r in runs if (r["task"], r["method"]) == (one["task"], one["method"])]
+    if recorded:
+        return statistics.median(recorded)
+    steps = one["steps"] * PRIOR_STEP_S[one["method"]] * TOKENS_FACTOR[one["task"]]
+    evals = (one["val_examples"] + one["dev_examples"]) * PRIOR_EVAL_S * TOKENS_FACTOR[one["task"]]
+    return PRIOR_LOAD_S + steps + evals
+
+
+def estimate(runs: list[dict], methods) -> str:
+    recorded = {run_key(r) for r in runs}
+    lines, total = [], 0.0
+    for task in PROTOCOL:
+        todo = [s for s in plan(runs, task, methods) if s["lr"] is None or run_key(s) not in recorded]
+        seconds = sum(run_seconds(runs, s) for s in todo)
+        total += seconds
+        lines.append(f"{task}: {len(todo)} runs left, about {seconds / 3600:.1f} h")
+    return "\n".join(
+        [*lines, f"all: about {total / 3600:.1f} h of machine time (2 cores, one run at a time)"]
+    )
+
+
+def sweep(task: str, methods, path: Path) -> None:
+    """Run ``task``'s cells until none is left (the search first, so the seeds know their lr)."""
+    while True:
+        runs = load_runs(path)
+        ready = [s for s in plan(runs, task, methods) if s["lr"] is not None]
+        if not ready or all(run_key(s) in {run_key(r) for r in runs} for s in ready):
+            if any(s["lr"] is None for s in plan(runs, task, methods)):
+                raise SystemExit(f"{task} needs the lr search of {LR_FROM.get(task, task)} first")
+            return
+        ensure(ready, path, script=Path(__file__))
+
+
+def train_one(one: dict, load=None) -> dict:
+    """One run's record; ``load``: (model, tokenizer) instead of SmolLM2 (the tests' tiny Llama)."""
+    from bench.whole_run import run_method
+
+    return run_method(one, load)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("experiment", choices=("estimate", "sweep", "one"))
+    parser.add_argument("spec", nargs="?", help="(one) the run as JSON")
+    parser.add_argument("--task", choices=tuple(PROTOCOL), default="sst2")
+    parser.add_argument("--methods", default=",".join(CAUSAL_METHODS), help="comma-separated")
+    parser.add_argument("--runs", type=Path, default=RUNS)
+    args = parser.parse_args(argv)
+    methods = args.methods.split(",")
+    if args.experiment == "one":
+        print(json.dumps(train_one(json.loads(args.spec))))
+    elif args.experiment == "estimate":
+        print(estimate(load_runs(args.runs), methods))
+    else:
+        print(estimate(load_runs(args.runs), methods), flush=True)
+        sweep(args.task, methods, args.runs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
