@@ -212,7 +212,14 @@ def budget_ranks(budget: float | None) -> dict[str, float]:
     return dict(lora_r=lora_r, init_r=round(INIT_MULTIPLE * budget), target_r=budget)
 
 
-def build(method: str, model, args: FinetuneArgs, total_step: int, budget: float | None = None):
+def build(
+    method: str,
+    model,
+    args: FinetuneArgs,
+    total_step: int,
+    budget: float | None = None,
+    rank_pattern: dict[str, int] | None = None,
+):
     """(module, loss_fn(batch), after_step(step, optimizer)) for one method, on the same backbone
     (IGU-LoRA's after_step compacts pruned ranks away with the optimizer's state)."""
     if method in IGU_METHODS:
@@ -222,7 +229,9 @@ def build(method: str, model, args: FinetuneArgs, total_step: int, budget: float
             lambda batch: igu.training_loss(batch, sequence_classification_row_loss),
             lambda step, optimizer: igu.update_and_allocate(step, optimizer=optimizer),
         )
-    return peft_build(method, model, total_step, budget, ENCODER_LINEARS, "SEQ_CLS", ["classifier"])
+    return peft_build(
+        method, model, total_step, budget, ENCODER_LINEARS, "SEQ_CLS", ["classifier"], rank_pattern
+    )
 
 
 def peft_build(
@@ -233,13 +242,29 @@ def peft_build(
     target_modules,
     task_type: str,
     modules_to_save: list[str] | None = None,
+    rank_pattern: dict[str, int] | None = None,
 ):
-    """:func:`build`'s PEFT methods on ``target_modules``: LoRA at the budget's uniform rank, or
-    AdaLoRA on the adaptive schedule (``task_type`` only for "adalora-orth", see below)."""
+    """:func:`build`'s PEFT methods on ``target_modules``: LoRA at the budget's uniform rank, LoRA
+    at fixed per-module ranks ("lora-pattern": ``rank_pattern``, module name -> rank, a module at 0
+    left unadapted, every scale SCALE), or AdaLoRA on the adaptive schedule (``task_type`` only for
+    "adalora-orth", see below)."""
     from peft import AdaLoraConfig, LoraConfig, get_peft_model
 
     ranks = budget_ranks(budget)
     common = dict(target_modules=target_modules, modules_to_save=modules_to_save, lora_dropout=0.0)
+    if method == "lora-pattern":
+        if not rank_pattern or min(rank_pattern.values()) < 0:
+            raise ValueError(f"lora-pattern needs a rank_pattern of ranks >= 0, got {rank_pattern!r}")
+        kept = {name: r for name, r in rank_pattern.items() if r > 0}
+        config = LoraConfig(
+            **{**common, "target_modules": list(kept)},
+            r=max(kept.values()),
+            lora_alpha=SCALE * max(kept.values()),
+            rank_pattern=kept,
+            alpha_pattern={name: SCALE * r for name, r in kept.items()},
+        )
+        peft_model = get_peft_model(model, config)
+        return peft_model, lambda batch: peft_model(**batch).loss, lambda step, optimizer: None
     if method == "lora":
         if ranks["lora_r"] is None:
             raise ValueError(f"no uniform LoRA rank has an average of {budget}")
@@ -356,7 +381,9 @@ def train_one(spec: dict) -> dict:
     torch.manual_seed(spec["seed"])
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-    module, loss_fn, after_step = build(spec["method"], model, args, total_step, budget)
+    module, loss_fn, after_step = build(
+        spec["method"], model, args, total_step, budget, spec.get("rank_pattern")
+    )
     module.train()
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=spec["lr"])
     scheduler = warmup_linear_schedule(optimizer, args)

@@ -111,11 +111,14 @@ def paired_difference(
 ) -> tuple[float, float, int]:
     """Mean and std over the seeds both ran of dev(method's ``variant``) - dev(other), and the
     number of seeds."""
-    ours, theirs = (
-        {r["seed"]: r["dev_accuracy"] for r in final_runs(runs, task, m, budget, v)}
-        for m, v in ((method, variant), (other, "default"))
-    )
-    diffs = [ours[s] - theirs[s] for s in sorted(ours.keys() & theirs.keys())]
+    ours, theirs = (final_runs(runs, task, m, budget, v) for m, v in ((method, variant), (other, "default")))
+    return seed_difference(ours, theirs)
+
+
+def seed_difference(ours: list[dict], theirs: list[dict]) -> tuple[float, float, int]:
+    """Mean and std of dev(ours) - dev(theirs) over the seeds both ran, and their number."""
+    mine, other = ({r["seed"]: r["dev_accuracy"] for r in side} for side in (ours, theirs))
+    diffs = [mine[s] - other[s] for s in sorted(mine.keys() & other.keys())]
     std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
     return (statistics.mean(diffs) if diffs else 0.0), std, len(diffs)
 
