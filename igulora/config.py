@@ -211,8 +211,8 @@ class IGULoraConfig:
     ig_tolerance: float = 0.09  # 3 nodes' residual in the IG accuracy study (docs/results.md)
     ig_max_steps: int = 8
     ig_residual: bool = False
-    ig_every: int = 2  # with ig_fraction: the IG cost, see docs/results.md (step cost)
-    ig_window: int | None = None  # score only on the last ig_window steps before a reallocation
+    ig_every: int = 1  # with ig_window and ig_fraction: the IG cost, see docs/results.md
+    ig_window: int | None = 2  # score only on the last ig_window steps before a reallocation
     ig_fraction: float = 0.125
     stochastic_grid: int = 20
     seed: int = 0

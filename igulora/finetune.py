@@ -98,7 +98,7 @@ class FinetuneArgs:
     ig_residual: bool = IGULoraConfig.ig_residual
     ig_fraction: float = IGULoraConfig.ig_fraction
     ig_every: int = IGULoraConfig.ig_every
-    ig_window: int = 0  # 0: IGULoraConfig.ig_window = None (every ig_every-th step scores)
+    ig_window: int = IGULoraConfig.ig_window  # 0: None (every ig_every-th step scores)
     score: str = IGULoraConfig.score
     orth_reg_weight: float = IGULoraConfig.orth_reg_weight
     orth_reg_start: int | str = IGULoraConfig.orth_reg_start

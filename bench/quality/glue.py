@@ -112,11 +112,16 @@ IGU_ORTH_WEIGHT = 0.25
 # (the defaults from issue #20 to #35), igu-orth-late's once the initial phase has grown E (issue
 # #20.3), igu-orth-live's over the kept ranks only, which lets compaction run with the term on (the
 # library's defaults since issue #35.1).
+# Each also names its scoring steps, every second one (the defaults until issue #35.2 moved them to
+# the last 2 updates before each reallocation, which is the "window-2" variant of igu-orth-live).
+EVERY_SECOND_STEP = dict(ig_every=2, ig_window=0)
 ORTH_OVERRIDES = {
-    "igu": dict(orth_reg_weight=0.0, orth_reg_ranks="all"),
-    "igu-orth": dict(orth_reg_weight=IGU_ORTH_WEIGHT, orth_reg_ranks="all"),
-    "igu-orth-late": dict(orth_reg_weight=IGU_ORTH_WEIGHT, orth_reg_start="tinit", orth_reg_ranks="all"),
-    "igu-orth-live": dict(orth_reg_weight=IGU_ORTH_WEIGHT, orth_reg_ranks="live"),
+    "igu": dict(orth_reg_weight=0.0, orth_reg_ranks="all", **EVERY_SECOND_STEP),
+    "igu-orth": dict(orth_reg_weight=IGU_ORTH_WEIGHT, orth_reg_ranks="all", **EVERY_SECOND_STEP),
+    "igu-orth-late": dict(
+        orth_reg_weight=IGU_ORTH_WEIGHT, orth_reg_start="tinit", orth_reg_ranks="all", **EVERY_SECOND_STEP
+    ),
+    "igu-orth-live": dict(orth_reg_weight=IGU_ORTH_WEIGHT, orth_reg_ranks="live", **EVERY_SECOND_STEP),
 }
 LR_GRID = (1e-3, 2e-3, 5e-3)  # the same grid for every method
 # A method that runs every seed at the lr selected for another (no search of its own): the term
