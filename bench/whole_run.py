@@ -13,7 +13,7 @@ every scale lora_alpha / r = 8), LoRA has r = 2.
 
 - ``minilm``: the protocol of ``bench/quality/glue.py`` (its ``build``): MiniLM-L6 on SST-2, its 36
   encoder linears, one epoch of batches of 32, each method at the lr selected for it at budget 2 in
-  ``bench/results/quality/runs.jsonl`` (IGU-LoRA at ``igu-orth``'s: the library's term), dev
+  ``bench/results/quality/runs.jsonl`` (IGU-LoRA, at the library's defaults, at ``igu-orth``'s), dev
   accuracy as glue.py reports it. glue.py gives IGU-LoRA deltaT = min(10, steps // 20) (9 at 194
   steps), as in its recorded runs.
 - ``smollm2``: SmolLM2-135M-Instruct (``igulora.pretrained.load_smollm2``), every linear of every
@@ -29,7 +29,7 @@ fetching its batch to ``zero_grad``, and their total; the median step per phase;
 RSS; dev accuracy (evaluation timed apart, outside training). At the end of training (issue #35.4):
 the trainable parameters physically present and their bytes, AdamW's state bytes (its moments),
 the kept rank triplets and the ranks still held in the parameters (fewer held than ``init_r`` per
-linear: IGU-LoRA compacted; at the defaults its term over every rank keeps compaction off). The
+linear: IGU-LoRA compacted, which its defaults' term over the kept ranks allows). The
 table's whole run is load + training; its ratios are to PEFT AdaLoRA with its term (whole run)
 and to LoRA (final-phase median step), issue #35's two goals.
 """
