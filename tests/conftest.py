@@ -157,6 +157,7 @@ def short_run_config(steps: int, **overrides):
         ig_steps=2,
         ig_fraction=1.0,
         ig_every=1,
+        ig_window=None,  # every step scores
         orth_reg_weight=0.0,
     )
     return IGULoraConfig(**{**base, **overrides})

@@ -161,7 +161,9 @@ def test_load_state_checks_the_trained_head_before_changing_anything(tmp_path):
 )
 @pytest.mark.parametrize("scoring", [True, False], ids=["scoring", "plain"])
 def test_a_batch_that_cannot_be_one_is_named(batch, error, message, scoring):
-    igu = get_igu_model(tiny_bert(), IGULoraConfig(target_modules=["query"], total_step=10, ig_every=1))
+    igu = get_igu_model(
+        tiny_bert(), IGULoraConfig(target_modules=["query"], total_step=10, ig_every=1, ig_window=None)
+    )
     igu.train()
     igu.step = 0 if scoring else 1
     igu._allocation_calls = igu.step

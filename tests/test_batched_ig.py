@@ -24,7 +24,9 @@ CASES = {  # (model, row loss, its trained head)
 
 
 def _igu(factory, head=None):
-    config = IGULoraConfig(init_r=3, target_r=1, total_step=10, modules_to_save=head and [head])
+    config = IGULoraConfig(
+        init_r=3, target_r=1, total_step=10, ig_window=None, modules_to_save=head and [head]
+    )
     igu = get_igu_model(factory(torch.float64), config)
     randomize_adapters(igu)
     return igu
@@ -85,7 +87,9 @@ def test_batched_step_gives_training_grad_and_node_by_node_ig(case, rule):
 
 
 def test_training_loss_uses_batched_ig_only_on_scoring_steps():
-    config = IGULoraConfig(init_r=2, target_r=1, total_step=10, tfinal=2, ig_every=3, ig_steps=2)
+    config = IGULoraConfig(
+        init_r=2, target_r=1, total_step=10, tfinal=2, ig_every=3, ig_window=None, ig_steps=2
+    )
     igu = get_igu_model(tiny_bert(), config)
     batch = token_batch()
     scored = []

@@ -21,7 +21,7 @@ CASES = {  # model, row loss, batch, trained head
     "llama": (tiny_llama, causal_lm_row_loss, lm_batch, None),
     "bert": (tiny_bert, sequence_classification_row_loss, token_batch, ["classifier"]),
 }
-CONFIG = dict(init_r=3, target_r=1, total_step=10, ig_every=2, ig_fraction=0.5, ig_steps=3)
+CONFIG = dict(init_r=3, target_r=1, total_step=10, ig_every=2, ig_window=None, ig_fraction=0.5, ig_steps=3)
 
 
 def _igu(model, head=None):

@@ -15,7 +15,7 @@ from bench.memory import checkpointing_memory_rows, node_memory_rows  # noqa: E4
 
 
 def test_memory_grows_with_rows_not_with_nodes_times_parameters():
-    config = IGULoraConfig(init_r=8, target_r=2, total_step=10)
+    config = IGULoraConfig(init_r=8, target_r=2, total_step=10, ig_window=None)
     igu = get_igu_model(tiny_llama(), config)
     igu.train()
     batch = token_batch(n=8, t=12)
@@ -31,7 +31,9 @@ def test_memory_grows_with_rows_not_with_nodes_times_parameters():
 
 
 def test_checkpointing_cuts_the_activation_memory_of_a_scoring_step():
-    igu = get_igu_model(tiny_llama(), IGULoraConfig(init_r=4, target_r=2, total_step=10, ig_every=2))
+    igu = get_igu_model(
+        tiny_llama(), IGULoraConfig(init_r=4, target_r=2, total_step=10, ig_every=2, ig_window=None)
+    )
     batch = token_batch(n=8, t=24)
     del batch["labels"]
     rows = checkpointing_memory_rows(igu, batch, causal_lm_row_loss, torch.device("cpu"))

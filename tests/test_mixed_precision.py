@@ -30,7 +30,9 @@ BF16_RTOL_KERNELS = 8e-2
 
 
 def _igu(factory, **overrides):
-    config = dict(init_r=3, target_r=1, total_step=10, ig_every=2, ig_fraction=0.5, ig_steps=2)
+    config = dict(
+        init_r=3, target_r=1, total_step=10, ig_every=2, ig_window=None, ig_fraction=0.5, ig_steps=2
+    )
     igu = get_igu_model(factory(), IGULoraConfig(**{**config, **overrides}))
     randomize_adapters(igu)
     return igu

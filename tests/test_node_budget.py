@@ -16,7 +16,9 @@ STEPS = 24
 
 
 def _igu(dropout: float = 0.0, **overrides) -> IGUModel:
-    base = dict(init_r=3, target_r=1, total_step=STEPS, tinit=2, tfinal=2, ig_every=1, ig_fraction=1.0)
+    base = dict(
+        init_r=3, target_r=1, total_step=STEPS, tinit=2, tfinal=2, ig_every=1, ig_window=None, ig_fraction=1.0
+    )
     model = tiny_bert(torch.float64)
     if dropout:
         model.config.hidden_dropout_prob = dropout

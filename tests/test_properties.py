@@ -311,6 +311,7 @@ def test_any_batch_trains_or_is_named(batch, scoring, ig_steps, ig_fraction):
         total_step=10,
         ig_steps=ig_steps,
         ig_fraction=ig_fraction,
+        ig_window=None,
     )
     igu = get_igu_model(_bert(), config)
     igu.train()

@@ -23,7 +23,9 @@ QUANT = {
     "fp4": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=torch.float32),
     "int8": dict(load_in_8bit=True),
 }
-CONFIG = dict(init_r=3, target_r=1, total_step=6, tinit=1, tfinal=1, ig_every=2, ig_fraction=0.5)
+CONFIG = dict(
+    init_r=3, target_r=1, total_step=6, tinit=1, tfinal=1, ig_every=2, ig_window=None, ig_fraction=0.5
+)
 
 
 @pytest.fixture(scope="module")

@@ -102,7 +102,7 @@ def _lm_trainer_run(tmp_path, checkpointing: bool):
 
     run = trainer(
         str(tmp_path),
-        config=dict(total_step=STEPS),
+        config=dict(total_step=STEPS, ig_window=None),  # every step scores
         max_steps=STEPS,
         gradient_checkpointing=checkpointing,
         bf16=True,
