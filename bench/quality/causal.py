@@ -145,6 +145,21 @@ def eva_build(model, budget: float, batches: ChatBatches):
     return peft_model, lambda batch: peft_model(**batch).loss, lambda step, optimizer: None
 
 
+def igu_lm_config(total: int, budget: float, seed: int = 0, overrides: dict | None = None) -> IGULoraConfig:
+    """IGU-LoRA's config on a causal LM: its defaults on glue.py's schedule of ``total`` steps, under
+    ``overrides`` (target_modules: the default "all-linear")."""
+    tinit, tfinal = windows(total)
+    return IGULoraConfig(
+        **budget_knobs(budget),
+        total_step=total,
+        tinit=tinit,
+        tfinal=tfinal,
+        delta_t=10,
+        seed=seed,
+        **(overrides or {}),
+    )
+
+
 def causal_build(
     method: str, model, total: int, seed: int, budget: float, igu_overrides: dict, batches: ChatBatches
 ):
@@ -153,17 +168,7 @@ def causal_build(
         return eva_build(model, budget, batches)
     if method != "igu":
         return peft_build(method, model, total, budget, LLAMA_LINEARS, "CAUSAL_LM")
-    tinit, tfinal = windows(total)
-    config = IGULoraConfig(
-        **budget_knobs(budget),
-        total_step=total,
-        tinit=tinit,
-        tfinal=tfinal,
-        delta_t=10,
-        seed=seed,
-        **igu_overrides,
-    )  # target_modules: the default "all-linear"
-    igu = get_igu_model(model, config)
+    igu = get_igu_model(model, igu_lm_config(total, budget, seed, igu_overrides))
     return (
         igu,
         lambda batch: igu.training_loss(batch, causal_lm_row_loss),

@@ -31,12 +31,10 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).resolve().parent)]
 
-from causal import CAUSAL_METHODS, budget_knobs, windows  # noqa: E402
+from causal import CAUSAL_METHODS, igu_lm_config  # noqa: E402
 from glue import RESULTS, knobs  # noqa: E402
 from report import best_of  # noqa: E402
 from runs import ensure, load_runs, run_key  # noqa: E402
-
-from igulora import IGULoraConfig  # noqa: E402
 
 RUNS = RESULTS / "decoder-runs.jsonl"
 BUDGET = 2.0
@@ -72,11 +70,7 @@ def spec(task: str, method: str, lr: float, seed: int) -> dict:
         "train_examples": protocol["steps"] * protocol["batch"],
     }
     if method == "igu":
-        tinit, tfinal = windows(protocol["steps"])
-        config = IGULoraConfig(
-            **budget_knobs(BUDGET), total_step=protocol["steps"], tinit=tinit, tfinal=tfinal
-        )
-        one["igu_config"] = knobs(config)
+        one["igu_config"] = knobs(igu_lm_config(protocol["steps"], BUDGET))
     return one
 
 
@@ -127,9 +121,10 @@ def sweep(task: str, methods, path: Path) -> None:
     """Run ``task``'s cells until none is left (the search first, so the seeds know their lr)."""
     while True:
         runs = load_runs(path)
-        ready = [s for s in plan(runs, task, methods) if s["lr"] is not None]
-        if not ready or all(run_key(s) in {run_key(r) for r in runs} for s in ready):
-            if any(s["lr"] is None for s in plan(runs, task, methods)):
+        recorded, cells = {run_key(r) for r in runs}, plan(runs, task, methods)
+        ready = [s for s in cells if s["lr"] is not None]
+        if all(run_key(s) in recorded for s in ready):
+            if len(ready) < len(cells):
                 raise SystemExit(f"{task} needs the lr search of {LR_FROM.get(task, task)} first")
             return
         ensure(ready, path, script=Path(__file__))
