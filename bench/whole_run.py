@@ -25,18 +25,20 @@ every scale lora_alpha / r = 8), LoRA has r = 2.
 Measured per method: load seconds (backbone, tokenizer, adapters and optimizer, up to the first
 step); training seconds per phase of the adaptive schedule, the same integer windows for every
 method (initial: step < tinit; budget: up to total - tfinal; final: the rest), each step from
-fetching its batch to ``zero_grad``, and their total; the median step per phase; the child's peak
-RSS; dev accuracy (evaluation timed apart, outside training). At the end of training (issue #35.4):
-the trainable parameters physically present and their bytes, AdamW's state bytes (its moments),
-the kept rank triplets and the ranks still held in the parameters (fewer held than ``init_r`` per
-linear: IGU-LoRA compacted, which its defaults' term over the kept ranks allows). The
-table's whole run is load + training; its ratios are to PEFT AdaLoRA with its term (whole run)
-and to LoRA (final-phase median step), issue #35's two goals.
+fetching its batch to ``zero_grad``, and their total (``--profile N``: the last N + 1 steps are
+profiled instead, ``bench/step_profile.py``); the median step per phase; the child's peak RSS; dev
+accuracy (evaluation timed apart, outside training). At the end of training (issue #35.4): the
+trainable parameters physically present and their bytes, AdamW's state bytes (its moments), the kept
+rank triplets and the ranks still held in the parameters (fewer held than ``init_r`` per linear:
+IGU-LoRA compacted, which its defaults' term over the kept ranks allows). The table's whole run is
+load + training; its ratios are to PEFT AdaLoRA with its term (whole run) and to LoRA (final-phase
+median step), issue #35's two goals.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import platform
@@ -72,6 +74,7 @@ from glue import (  # noqa: E402
     split_train,
 )
 
+from bench import step_profile  # noqa: E402
 from bench.compaction import state_bytes, trainable  # noqa: E402
 from igulora.data import Example, load_examples  # noqa: E402
 from igulora.finetune import Batches, FinetuneArgs, evaluate, warmup_linear_schedule  # noqa: E402
@@ -185,16 +188,39 @@ def run_method(spec: dict, load: Callable[[], tuple] | None = None) -> dict:
     load_s = time.perf_counter() - start
     seconds: dict[str, list[float]] = {p: [] for p in PHASES}
     losses = []
-    for step in range(spec["steps"]):
-        start = time.perf_counter()
-        loss = run.loss(run.batches(step))
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        run.after_step(step, optimizer)
-        optimizer.zero_grad()
-        seconds[phase(step, spec["steps"])].append(time.perf_counter() - start)
-        losses.append(float(getattr(run.module, "last_loss", loss.detach())))  # IGU-LoRA: its training rows'
+    profiled = spec.get("profile_steps", 0)  # the last steps, after a warm-up one, under torch's profiler
+    first_profiled = spec["steps"] - profiled - 1 if profiled else spec["steps"]
+    profiler = (
+        torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU],
+            schedule=torch.profiler.schedule(wait=0, warmup=1, active=profiled, repeat=1),
+        )
+        if profiled
+        else None
+    )
+    with contextlib.ExitStack() as stack:
+        for step in range(spec["steps"]):
+            if step == first_profiled:
+                stack.enter_context(profiler)
+            start = time.perf_counter()
+            batch = run.batches(step)
+            with step_profile.region("forward"):
+                loss = run.loss(batch)
+            with step_profile.region("backward"):
+                loss.backward()
+            with step_profile.region("optimizer"):
+                optimizer.step()
+                scheduler.step()
+            with step_profile.region("allocator"):  # reads the gradients: before zero_grad
+                run.after_step(step, optimizer)
+            with step_profile.region("optimizer"):
+                optimizer.zero_grad()
+            if step < first_profiled:  # profiled steps are not timed
+                seconds[phase(step, spec["steps"])].append(time.perf_counter() - start)
+            else:
+                profiler.step()
+            # IGU-LoRA's loss: its training rows'
+            losses.append(float(getattr(run.module, "last_loss", loss.detach())))
     start = time.perf_counter()
     accuracy = run.evaluate()
     eval_s = time.perf_counter() - start
@@ -221,6 +247,7 @@ def run_method(spec: dict, load: Callable[[], tuple] | None = None) -> dict:
         "igu_config": knobs(run.module.config) if hasattr(run.module, "allocator") else None,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        **({"profile": step_profile.summary(profiler.events(), profiled)} if profiled else {}),
     }
 
 
@@ -290,6 +317,10 @@ def specs(args: argparse.Namespace) -> list[dict]:
             "dev_examples": args.dev,
         }
         lrs = dict.fromkeys(args.methods, args.lr or 1e-3)
+    if args.profile:
+        if not 0 < args.profile < steps:
+            raise SystemExit(f"--profile {args.profile}: between 1 and {steps - 1} of the {steps} steps")
+        common["profile_steps"] = args.profile
     out = [{**common, "method": m, "lr": lrs[m], "steps": steps} for m in args.methods]
     for spec in out:
         if spec["method"] == "igu" and args.igu_overrides:
@@ -318,6 +349,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8, help="(smollm2) sequences per batch")
     parser.add_argument("--train", type=int, help="(smollm2) the first N train lines (default steps x batch)")
     parser.add_argument("--dev", type=int, default=200, help="(smollm2) the first N dev reviews")
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run the last N steps under torch's profiler, after a warm-up step (none of them timed)",
+    )
     parser.add_argument("--json", type=Path)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -329,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label(spec)}: {spec['steps']} steps at lr {spec['lr']:g} ...", file=sys.stderr, flush=True)
         records.append(child(spec))
     print(table(records))
+    profiles = {label(r): r["profile"] for r in records if "profile" in r}
+    if profiles:
+        print(step_profile.table(profiles))
     if args.json:
         meta = {
             "date": datetime.date.today().isoformat(),

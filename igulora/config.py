@@ -164,10 +164,10 @@ class IGULoraConfig:
     ``update_and_allocate`` whose state is elementwise, no FSDP2), masking otherwise; ``True``:
     the same, with a warning when it cannot; ``False``: always mask.
     ``init="adalora"``: E = 0, A, B ~ N(0, 0.02); ``"lora"``: B = 0, A Kaiming-uniform, E = 1.
-    ``orth_reg_weight`` (default 0.25, by the rule of docs/results.md on four tasks; 0 turns it
+    ``orth_reg_weight`` (default 0.25, by the rule of docs/results-details.md on four tasks; 0 turns it
     off and lets ``compact`` run) adds AdaLoRA's orthogonality term (method.md) from optimizer step
     ``orth_reg_start`` on (``"tinit"``: once the initial phase has grown E; from step 0 its gradient
-    alone fills Adam's second moments of A and B while E = 0, docs/results.md), over the kept ranks
+    alone fills Adam's second moments of A and B while E = 0, docs/results-details.md), over the kept ranks
     only (``orth_reg_ranks="live"``, the default since issue #35's rule: pruned rows of A and
     columns of B leave the term, so ``compact`` stays exact with it on) or over every rank
     (``"all"``, AdaLoRA's, which keeps compaction off).
@@ -185,7 +185,7 @@ class IGULoraConfig:
     target_r: float = 8
     lora_alpha: float = 32.0
     lora_dropout: float = 0.0
-    init: str = "adalora"  # the LoRA-like start is unstable at 6 ranks (docs/results.md)
+    init: str = "adalora"  # the LoRA-like start is unstable at 6 ranks (docs/results-details.md)
     prune_mode: str = "mask"
     compact: bool | None = None
     total_step: int | None = None  # None: set by a Trainer integration from max_steps
@@ -195,23 +195,23 @@ class IGULoraConfig:
     budget_unit: str = "triplets"
     beta1: float = 0.85
     beta2: float = 0.85
-    # snr until 2026-12-02; switched by the rule fixed before the score study (docs/results.md)
+    # snr until 2026-12-02; switched by the rule fixed before the score study (docs/results-details.md)
     score: str = "stable_magnitude"
     score_eps: float = 1e-12
-    # On since issue #20's rule on four tasks (docs/results.md); at small learning rates its early
+    # On since issue #20's rule on four tasks (docs/results-details.md); at small learning rates its early
     # gradient slows learning (orth_reg_start). method.md's per-adapter mean: PEFT's w per matrix
     # is igulora's w / 2, so 0.25 is PEFT AdaLoRA's 0.5.
     orth_reg_weight: float = 0.25
     orth_reg_start: int | str = 0  # an optimizer step, or "tinit"
-    # "live" since issue #35.1's non-inferiority rule on four tasks (docs/results.md): the term over
+    # "live" since issue #35.1's non-inferiority rule on four tasks (docs/results-details.md): the term over
     # the kept ranks, which compaction keeps exact; "all" is AdaLoRA's
     orth_reg_ranks: str = "live"
-    ig_rule: str = "gauss_legendre"  # defaults from docs/results.md (IG accuracy study)
+    ig_rule: str = "gauss_legendre"  # defaults from docs/results-details.md (IG accuracy study)
     ig_steps: int | str = 3  # or "auto"
-    ig_tolerance: float = 0.09  # 3 nodes' residual in the IG accuracy study (docs/results.md)
+    ig_tolerance: float = 0.09  # 3 nodes' residual in the IG accuracy study (docs/results-details.md)
     ig_max_steps: int = 8
     ig_residual: bool = False
-    ig_every: int = 1  # with ig_window and ig_fraction: the IG cost, see docs/results.md
+    ig_every: int = 1  # with ig_window and ig_fraction: the IG cost, see docs/results-details.md
     ig_window: int | None = 2  # score only on the last ig_window steps before a reallocation
     ig_fraction: float = 0.125
     stochastic_grid: int = 20

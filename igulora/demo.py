@@ -128,7 +128,7 @@ def run_demo(
         tfinal=steps // 5,
         delta_t=5,
         ig_rule=rule,
-        orth_reg_weight=0.0,  # the allocation alone, as in docs/results.md's recovery numbers
+        orth_reg_weight=0.0,  # the allocation alone, as in docs/results-details.md's recovery numbers
         seed=seed,
     )
     config = IGULoraConfig(**{**settings, **(overrides or {})})

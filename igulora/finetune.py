@@ -84,7 +84,7 @@ class FinetuneArgs:
     batch_size: int = 32
     max_length: int = 64
     group_by_length: bool = False  # batches of similar length (less padding), as HF's Trainer
-    lr: float = 5e-3  # selected on SST-2 validation for the E = 0 init (docs/results.md)
+    lr: float = 5e-3  # selected on SST-2 validation for the E = 0 init (docs/results-details.md)
     warmup: float = 0.06
     target_modules: str = "all-linear"
     exclude_modules: str | None = None

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from igulora.allocator import RankAllocator, target_budget
 from igulora.attach import ForgottenAllocationGuard, StepAttachment, found_inf
@@ -55,6 +56,8 @@ from igulora.targets import (
     refuse_overlap,
     replace_module,
 )
+
+ORTHOGONALITY_RANGE = "igulora.orthogonality_loss"  # its range in torch's profiler
 
 
 class IGUModel(nn.Module):
@@ -358,7 +361,8 @@ class IGUModel(nn.Module):
             loss = train_loss = mean_loss(row_loss_fn)(module, batch)
         self.last_loss = train_loss.detach()
         if self.igu_config.orth_reg_weight > 0 and self.step >= self.igu_config.orth_reg_from:
-            loss = loss + self.igu_config.orth_reg_weight * self.orthogonality_loss()
+            with record_function(ORTHOGONALITY_RANGE):
+                loss = loss + self.igu_config.orth_reg_weight * self.orthogonality_loss()
         return loss
 
     def finite_step(self, loss: torch.Tensor) -> bool:

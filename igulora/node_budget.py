@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-WINDOW = 8  # scoring steps per decision: 4 let dropout noise pass for a 30% gain (docs/results.md)
+WINDOW = 8  # scoring steps per decision: 4 let dropout noise pass for a 30% gain (docs/results-details.md)
 LOWER_AT = 0.25  # drop a node when the window's residual is under this fraction of the tolerance
 MIN_GAIN = 0.3  # an added node must cut the window's residual by this fraction to stay
 RETRY = 8  # windows under a ceiling before the count above it is tried again

@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench" / "quality"
 pytest.importorskip("peft")
 import controls  # noqa: E402
 import glue  # noqa: E402
+from report import rank_overlap  # noqa: E402
 from runs import run_key  # noqa: E402
 
 BUDGET = 2.0
@@ -65,7 +66,7 @@ def test_the_inverted_pattern_deals_the_same_ranks_in_reverse_order():
     inverted = controls.inverted_pattern(igu)
     assert sorted(inverted.values()) == sorted(igu.values())
     assert inverted["a"] == 5 and {inverted["b"], inverted["d"]} == {0, 1}
-    assert controls.overlap(inverted, igu) < controls.overlap(dict.fromkeys(igu, 2), igu)
+    assert rank_overlap(igu, inverted) < rank_overlap(igu, dict.fromkeys(igu, 2))
 
 
 def test_lora_trains_exactly_the_pattern_at_one_scale(tiny_model_dir):

@@ -100,3 +100,45 @@ def test_the_plan_searches_sst2_then_runs_every_seed_at_the_selected_lr(tmp_path
     seeds = [s for s in decoder.plan(done, "sst2", methods) if s["seed"]]
     assert {(s["method"], s["lr"]) for s in seeds} == set(lrs.items()) and len(seeds) == 4
     assert "sst2: 4 runs left" in decoder.estimate([{**r, "wall_s": 10.0} for r in done], methods)
+
+
+def fake_runs(task: str) -> list[dict]:
+    """Decoder records of every method on a 2-layer model: the lr search (seed 0) and 3 seeds each,
+    AdaLoRA + term the best anchor, IGU-LoRA 0.02 above LoRA on every seed, and IGU-LoRA's ranks
+    moved from q and k to the MLP."""
+    attention, mlp = ("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj")
+    names = [f"model.layers.{i}.self_attn.{k}" for i in (0, 1) for k in attention]
+    names += [f"model.layers.{i}.mlp.{k}" for i in (0, 1) for k in mlp]
+    moved = {n: 0 for n in names if n.endswith(("q_proj", "k_proj"))}
+    moved |= {n: 4 for n in names if ".0.mlp." in n or n.endswith("1.mlp.down_proj")}
+    dev = {"igu": 0.80, "adalora-orth": 0.81, "adalora": 0.78, "lora": 0.78, "eva": 0.79}
+    out = []
+    for method, base in dev.items():
+        ranks = dict.fromkeys(names, 2) | (moved if method == "igu" else {})
+        for seed in decoder.SEEDS:
+            for lr in decoder.LR_GRID if seed == 0 else (min(decoder.LR_GRID),):
+                record = {**decoder.spec(task, method, lr, seed), "active_ranks": ranks, "wall_s": 60.0}
+                record["val_accuracy"] = 0.7 + (lr == min(decoder.LR_GRID)) * 0.1
+                out.append(record | {"dev_accuracy": base + seed / 100})
+    return out
+
+
+def test_the_report_compares_with_the_best_anchor_and_maps_the_ranks(tmp_path):
+    text = "\n".join(decoder.report(fake_runs("sst2"), tmp_path))
+    accuracy, allocation = text.split("![ranks]")
+
+    def rows(part: str) -> dict[str, list[str]]:
+        cells = [[c.strip() for c in line.strip("|").split("|")] for line in part.splitlines()]
+        return {row[0]: row[1:] for row in cells if len(row) > 1 and row[0] not in ("method", "---")}
+
+    table = rows(accuracy)
+    assert table["IGU-LoRA (defaults)"][:3] == ["0.001", "0.800, 0.810, 0.820", "0.8100"]
+    assert table["AdaLoRA (PEFT, with term) (best anchor)"][3:5] == ["-0.0100 +- 0.0000", "0 / 3"]
+    assert table["LoRA (PEFT, r = 2)"][3:5] == ["+0.0200 +- 0.0000", "3 / 3"]
+    assert (tmp_path / "decoder-sst2-ranks.png").stat().st_size > 0
+    assert "same seed (seeds 0, 1, 2): 0.71, 0.71, 0.71" in allocation  # 20 of AdaLoRA's 28 ranks
+    assert "seed to seed: IGU-LoRA 1.00, AdaLoRA 1.00" in allocation
+    per_kind = rows(allocation)
+    assert per_kind["IGU-LoRA (defaults)"] == ["8", "6", "0", "4", "0", "6", "4", "4"]  # + 4 adapters at 0
+    assert per_kind["AdaLoRA (PEFT, with term)"] == ["4"] * 7 + ["0"]
+    assert "over the 2 layers" in allocation

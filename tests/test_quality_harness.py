@@ -156,7 +156,7 @@ def _built(method: str, model_dir: Path, steps: int, budget: float | None = None
 
 def test_the_peft_adalora_baseline_has_no_orthogonality_term(tiny_model_dir):
     """PEFT adds AdaLoRA's regulariser only in its task-typed forward; the harness's plain
-    PeftModel (every recorded AdaLoRA run) trains on the task loss alone (docs/results.md)."""
+    PeftModel (every recorded AdaLoRA run) trains on the task loss alone (docs/results-details.md)."""
     module, loss_fn, _ = _built("adalora", tiny_model_dir, 12)
     batch = {"input_ids": torch.randint(1000, 2000, (4, 9)), "labels": torch.tensor([0, 1, 1, 0])}
     penalty = sum(
@@ -324,6 +324,17 @@ def test_an_unsplit_task_is_carved_into_disjoint_fixed_splits(task):
     assert {e.label for e in test} == {0, 1}
 
 
+def test_a_run_without_val_is_recorded_with_its_dev_alone(tmp_path, capsys):
+    one = {"task": "rte", "method": "lora", "lr": 1e-3, "seed": 0, "variant": "default"}
+    script = tmp_path / "fake.py"  # answers as glue.py's ``one`` does: the record last on stdout
+    script.write_text("import json, sys\nprint(json.dumps(json.loads(sys.argv[2]) | {'dev_accuracy': 0.5}))")
+    path = tmp_path / "runs.jsonl"
+    runs_file.run_spec(one, path, script=script)
+    (record,) = runs_file.load_runs(path)
+    assert runs_file.run_key(record) == runs_file.run_key(one) and "val_accuracy" not in record
+    assert "dev 0.5000" in capsys.readouterr().out
+
+
 def test_a_run_claimed_by_a_live_driver_is_skipped_and_a_dead_one_s_is_taken(tmp_path):
     runs = tmp_path / "runs.jsonl"
     one = glue.spec("sst2", "igu", 1e-3, 0, budget=1.0)
@@ -404,6 +415,24 @@ def _cells(task: str, method: str, medians_by_seed: list[float]) -> list[dict]:
     for seed in (1, 2):
         runs.append({**record(method, 2e-3, seed, 0.5, medians_by_seed[seed]), "task": task, "budget": 2.0})
     return runs
+
+
+def test_the_summary_sets_the_newest_defaults_beside_the_best_anchor():
+    def igu(method: str, variant: str, task: str, budget: float, dev: list[float]) -> list[dict]:
+        at = {"task": task, "budget": budget}
+        return [{**record(method, 2e-3, seed, 0.5, d, variant), **at} for seed, d in enumerate(dev)]
+
+    runs = _cells("sst2", "adalora-orth", [0.80, 0.81, 0.82]) + _cells("sst2", "adalora", [0.83, 0.84, 0.85])
+    runs += _cells("sst2", "lora", [0.79, 0.80, 0.81]) + _cells("cr", "lora", [0.9] * 3)
+    runs += igu("igu-orth-live", "window-2", "sst2", 2.0, [0.83, 0.85, 0.87])  # the defaults
+    runs += igu("igu-orth-live", "default", "sst2", 2.0, [0.1] * 3)  # older: not shown beside newer
+    runs += igu("igu-orth", "default", "rte", 2.0, [0.6] * 3)  # the only IGU-LoRA runs, no anchor
+    runs += igu("igu-orth-live", "window-2", "cr", 2.0, [0.9] * 2)  # 2 seeds: not yet a cell
+    lines = report.summary_table(runs)
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines if line.startswith("| ")][2:]
+    assert rows[0][:7] == ["sst2", "MiniLM-L6", "2", "0.850", "0.810", "0.840*", "0.800"]
+    assert rows[0][7:] == ["+0.0100 +- 0.0058 (t = 1.73)", "2 / 3", "defaults"]  # against AdaLoRA
+    assert [row[0] for row in rows] == ["sst2"]  # CR has 2 IGU-LoRA seeds, RTE no anchor
 
 
 @pytest.mark.parametrize(

@@ -19,11 +19,13 @@ pytest.importorskip("peft")
 import causal  # noqa: E402
 from conftest import char_tokenizer, tiny_llama  # noqa: E402
 
-from bench import whole_run  # noqa: E402
+from bench import step_profile, whole_run  # noqa: E402
 from igulora import causal_lm_row_loss  # noqa: E402
 from igulora.data import Example  # noqa: E402
+from igulora.model import ORTHOGONALITY_RANGE  # noqa: E402
 
 STEPS, INIT_R, TARGET_R, LORA_R = 20, 8, 2, 2  # 20 steps: tinit 2, tfinal 4, all three phases
+PROFILED = 2  # the last steps, after a warm-up one, under torch's profiler: 3 of the 4 final ones
 REVIEWS = ["a fun film", "dull and slow", "great acting", "a bad plot", "warm", "boring", "lovely", "weak"]
 
 
@@ -52,6 +54,7 @@ def records(tmp_path_factory) -> dict[str, dict]:
     spec = {
         "model": "tiny", "seed": 0, "batch": 4, "steps": STEPS, "lr": 1e-2, "dev_examples": 6,
         "train_file": str(folder / "train"), "dev_file": str(folder / "dev"), "train_examples": len(REVIEWS),
+        "profile_steps": PROFILED,
     }  # fmt: skip
     out, threads = {}, torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model: a second thread only waits on a busy machine
@@ -121,3 +124,22 @@ def test_the_report_has_a_row_per_method(records, tmp_path):
     written = json.loads((tmp_path / "r.json").read_text())
     assert [r["method"] for r in written["records"]] == list(whole_run.METHODS)
     assert written["table"] == "\n".join(table)
+
+
+def test_the_last_steps_are_profiled_by_range(records):
+    for method, r in records.items():
+        profile = r["profile"]
+        assert profile["steps"] == PROFILED
+        assert set(step_profile.REGIONS) <= set(profile["region_ms"]), method
+        for region in ("forward", "backward", "optimizer"):  # each region's own ops, nested ones too
+            assert profile["ops_per_step"][region] > 1, (method, region)
+        assert len(profile["top_ops"]) == step_profile.TOP
+        assert not {op["op"] for op in profile["top_ops"]} & set(step_profile.RANGES)
+    igu = records["igu"]["profile"]
+    assert igu["region_ms"][ORTHOGONALITY_RANGE] > 0
+    assert igu["ops_per_step"][ORTHOGONALITY_RANGE] >= 2 * len(shapes())  # A A^T and B^T B per adapter
+    assert ORTHOGONALITY_RANGE not in records["adalora-orth"]["profile"]["region_ms"]  # PEFT's: no range
+    table = step_profile.table({m: r["profile"] for m, r in records.items()}).splitlines()
+    cells = [[c.strip() for c in row.strip("|").split("|")] for row in table[2:]]
+    assert [row[0] for row in cells] == list(step_profile.RANGES)
+    assert cells[-1][2:] == ["", "", ""]  # only IGU-LoRA (the first column) has the range

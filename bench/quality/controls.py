@@ -35,7 +35,7 @@ import torch
 sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).resolve().parent)]
 
 from glue import INIT_MULTIPLE, RESULTS, selected_lr, spec  # noqa: E402
-from report import final_runs, paired_line, seed_difference  # noqa: E402
+from report import final_runs, paired_line, rank_overlap, seed_difference  # noqa: E402
 from runs import ensure, load_runs  # noqa: E402
 
 RUNS = RESULTS / "controls-runs.jsonl"
@@ -101,11 +101,6 @@ def control_specs(runs: list[dict], task: str, budget: float, names, seeds) -> l
     ]
 
 
-def overlap(a: dict[str, int], b: dict[str, int]) -> float:
-    """Shared ranks over the total: sum of min(a, b) / sum(a)."""
-    return sum(min(a[n], b.get(n, 0)) for n in a) / sum(a.values())
-
-
 def report(controls: list[dict], runs: list[dict]) -> list[str]:
     """Per task and budget: each pattern's dev accuracy over seeds and the paired differences."""
     lines = ["# Allocation controls (issue #36.2)", "", __doc__.split("\n\n")[0], ""]
@@ -129,7 +124,7 @@ def report(controls: list[dict], runs: list[dict]) -> list[str]:
             diff = paired_line(seed_difference(done, of["uniform"])) if name != "uniform" else ""
             seeds = ", ".join(f"{d:.3f}" for d in dev)
             lines.append(
-                f"| {name} | {overlap(chosen[name], chosen['igu']):.2f} | {seeds} | {median} | {diff} |"
+                f"| {name} | {rank_overlap(chosen['igu'], chosen[name]):.2f} | {seeds} | {median} | {diff} |"
             )
         igu_vs_adalora = paired_line(seed_difference(of["igu"], of["adalora"])) or "fewer than 2 paired seeds"
         lines += ["", f"- igu - adalora (paired): {igu_vs_adalora}", ""]

@@ -7,6 +7,7 @@ without its term and PEFT EVA from 8 ranks, PEFT LoRA at r = 2.
     python bench/quality/decoder.py sweep --task sst2        # lr search (seed 0), then seeds 1, 2
     python bench/quality/decoder.py sweep --task rte         # seeds 0-2 at the lr chosen on SST-2
     python bench/quality/decoder.py one '{"task": ...}'      # one cell's run: its record on stdout
+    python bench/quality/decoder.py report                   # decoder.md and the rank heatmaps
 
 The protocol, fixed before any run:
 - **Data**: glue.py's split of each task (val carved from train, never trained on; the dev file is
@@ -33,10 +34,16 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).res
 
 from causal import CAUSAL_METHODS, igu_lm_config  # noqa: E402
 from glue import RESULTS, knobs  # noqa: E402
-from report import best_of  # noqa: E402
+from report import allocation_overlap, best_of, module_name, paired_se, seed_overlap, seeds_ahead  # noqa: E402
 from runs import ensure, load_runs, run_key  # noqa: E402
 
+from bench.whole_run import LABELS, run_method  # noqa: E402
+from igulora.plots import layer_grid, rank_panels  # noqa: E402
+
 RUNS = RESULTS / "decoder-runs.jsonl"
+REPORT_NAME = "decoder.md"
+NAMES = {**LABELS, "eva": "EVA (PEFT, r = 2 redistributed from the inputs)"}
+ANCHORS = ("adalora-orth", "adalora", "lora", "eva")  # what IGU-LoRA is compared with
 BUDGET = 2.0
 SEEDS = (0, 1, 2)
 LR_GRID = (1e-3, 3e-3)
@@ -130,10 +137,100 @@ def sweep(task: str, methods, path: Path) -> None:
         ensure(ready, path, script=Path(__file__))
 
 
+def final_cell(runs: list[dict], task: str, method: str) -> list[dict]:
+    """``method``'s runs on ``task`` at its selected lr, by seed; [] before its search is done."""
+    lr = selected_lr(runs, task, method)
+    return sorted(
+        (r for r in runs if (r["task"], r["method"], r["lr"]) == (task, method, lr)), key=lambda r: r["seed"]
+    )
+
+
+def accuracy_table(runs: list[dict], task: str) -> list[str]:
+    """Each method's dev over seeds at its lr, and IGU-LoRA against each anchor (paired, and on how
+    many seeds it is ahead); the anchor of best median is named."""
+    cells = {m: final_cell(runs, task, m) for m in NAMES}
+    cells = {m: c for m, c in cells.items() if c}
+    medians = {m: statistics.median(r["dev_accuracy"] for r in c) for m, c in cells.items()}
+    best = max((m for m in ANCHORS if m in cells), key=lambda m: medians[m], default=None)
+    lines = [
+        "| method | lr | dev (seeds) | dev median | IGU-LoRA - it (paired +- s.e.) | seeds ahead "
+        "| median run s |",
+        "| --- | ---: | --- | ---: | --- | ---: | ---: |",
+    ]
+    for method, cell in cells.items():
+        seeds = ", ".join(f"{r['dev_accuracy']:.3f}" for r in cell)
+        name = NAMES[method] + (" (best anchor)" if method == best else "")
+        versus = "igu" in cells and method != "igu"
+        diff = paired_se(cells["igu"], cell) if versus else ""
+        ahead = seeds_ahead(cells["igu"], cell) if versus else ""
+        wall = statistics.median(r["wall_s"] for r in cell)
+        row = (name, f"{cell[0]['lr']:g}", seeds, f"{medians[method]:.4f}", diff, ahead, f"{wall:.0f}")
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def projection_ranks(run: dict) -> dict[str, int]:
+    """Kept ranks per projection kind (q_proj, ..., down_proj), summed over layers."""
+    out: dict[str, int] = {}
+    for name, rank in run["active_ranks"].items():
+        kind = name.rsplit(".", 1)[-1]
+        out[kind] = out.get(kind, 0) + rank
+    return out
+
+
+def allocation_section(runs: list[dict], task: str, out: Path) -> list[str]:
+    """Issue #36.3: IGU-LoRA's and AdaLoRA's (with its term) final ranks, layers x projections (a
+    heatmap of the lowest seed both ran), their overlap on each seed against each method's
+    seed-to-seed overlap, and the ranks per projection kind."""
+    cells = {m: final_cell(runs, task, m) for m in ("igu", "adalora-orth")}
+    if not all(cells.values()):
+        return ["(the rank maps wait for IGU-LoRA's and AdaLoRA's runs at their selected lr)"]
+    igu, adalora = ({r["seed"]: r for r in c} for c in cells.values())
+    shared = sorted(igu.keys() & adalora.keys())
+    if not shared:
+        return ["(the rank maps wait for a seed both IGU-LoRA and AdaLoRA ran)"]
+    first = {"igu": igu[shared[0]], "adalora-orth": adalora[shared[0]]}
+    path = rank_panels(
+        {
+            f"{NAMES[m]}, seed {r['seed']}": {module_name(k): v for k, v in r["active_ranks"].items()}
+            for m, r in first.items()
+        },
+        out / f"decoder-{task}-ranks.png",
+    )
+    across = ", ".join(f"{allocation_overlap(igu[s], adalora[s]):.2f}" for s in shared)
+    noise = {m: f"{seed_overlap(c):.2f}" if len(c) > 1 else "one seed" for m, c in cells.items()}
+    kinds = sorted({k for c in cells.values() for r in c for k in projection_ranks(r)})
+    layers = len(layer_grid(first["igu"]["active_ranks"])[0])
+    lines = [
+        f"![ranks]({path.name})",
+        "",
+        f"- Overlap of IGU-LoRA's kept ranks with AdaLoRA's on the same seed "
+        f"(seeds {', '.join(map(str, shared))}): {across}; seed to seed: IGU-LoRA {noise['igu']}, "
+        f"AdaLoRA {noise['adalora-orth']}.",
+        "",
+        "| method | " + " | ".join(kinds) + " | adapters left at rank 0 |",
+        "| --- | " + " | ".join("---:" for _ in kinds) + " | ---: |",
+    ]
+    for method, cell in cells.items():
+        per_kind = [projection_ranks(r) for r in cell]
+        means = [statistics.mean(p.get(k, 0) for p in per_kind) for k in kinds]
+        empty = statistics.mean(sum(v == 0 for v in r["active_ranks"].values()) for r in cell)
+        lines.append(f"| {NAMES[method]} | " + " | ".join(f"{m:.0f}" for m in means) + f" | {empty:.0f} |")
+    return lines + ["", f"(kept ranks per projection kind over the {layers} layers, mean over the seeds)"]
+
+
+def report(runs: list[dict], out: Path) -> list[str]:
+    """decoder.md: per task, the accuracy table and the allocation section (heatmaps beside it)."""
+    lines = ["# The decoder track (issue #36.1, #36.3)", "", __doc__.split("\n\n")[0], ""]
+    for task in PROTOCOL:
+        if not any(r["task"] == task for r in runs):
+            continue
+        lines += [f"## {task}", "", *accuracy_table(runs, task), "", *allocation_section(runs, task, out), ""]
+    return lines
+
+
 def train_one(one: dict, load=None) -> dict:
     """One run's record; ``load``: (model, tokenizer) instead of SmolLM2 (the tests' tiny Llama)."""
-    from bench.whole_run import run_method
-
     return run_method(one, load)
 
 
@@ -141,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("experiment", choices=("estimate", "sweep", "one"))
+    parser.add_argument("experiment", choices=("estimate", "sweep", "one", "report"))
     parser.add_argument("spec", nargs="?", help="(one) the run as JSON")
     parser.add_argument("--task", choices=tuple(PROTOCOL), default="sst2")
     parser.add_argument("--methods", default=",".join(CAUSAL_METHODS), help="comma-separated")
@@ -152,6 +249,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(train_one(json.loads(args.spec))))
     elif args.experiment == "estimate":
         print(estimate(load_runs(args.runs), methods))
+    elif args.experiment == "report":
+        path = args.runs.parent / REPORT_NAME  # beside its runs file
+        path.write_text("\n".join(report(load_runs(args.runs), path.parent)) + "\n")
+        print(path)
     else:
         print(estimate(load_runs(args.runs), methods), flush=True)
         sweep(args.task, methods, args.runs)

@@ -156,7 +156,7 @@ _SNR_ERA = {
     # the former defaults: LoRA-like init (B = 0, E = 1) with twice PEFT's orthogonality weight
     "lora-init": dict(init="lora", orth_reg_weight=0.5),
 }
-# Issue #35.2: fewer IG node rows per pruning decision, each alone (docs/results.md, its rule).
+# Issue #35.2: fewer IG node rows per pruning decision, each alone (docs/results-details.md, its rule).
 IG_COST_VARIANTS = {
     "window-2": dict(ig_window=2, ig_every=1),  # the last 2 updates before each reallocation
     "lobatto-2": dict(rule="gauss_lobatto", ig_steps=2),  # Simpson, alpha = 1 free: 1 row block

@@ -52,7 +52,7 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} +- {std:.4f}"
 
 
-def _module_name(name: str) -> str:
+def module_name(name: str) -> str:
     return name.removeprefix("base_model.model.")
 
 
@@ -130,6 +130,71 @@ def paired_line(difference: tuple[float, float, int]) -> str:
         return ""
     t = mean / (std / n**0.5) if std > 0 else float("nan")
     return f"dev {mean:+.4f} +- {std:.4f} over {n} seeds (t = {t:.2f})"
+
+
+def paired_se(ours: list[dict], theirs: list[dict]) -> str:
+    """'+d +- se (t = ...)': the mean paired dev difference over the seeds both ran and its standard
+    error (no t where the differences agree to rounding); '' below 2 seeds."""
+    mean, std, n = seed_difference(ours, theirs)
+    if n < 2:
+        return ""
+    se = std / n**0.5
+    return f"{mean:+.4f} +- {se:.4f}" + (f" (t = {mean / se:.2f})" if se > 1e-9 else "")
+
+
+def seeds_ahead(ours: list[dict], theirs: list[dict]) -> str:
+    """'k / n': on how many of the seeds both ran ``ours`` has the higher dev accuracy."""
+    mine, other = ({r["seed"]: r["dev_accuracy"] for r in side} for side in (ours, theirs))
+    shared = mine.keys() & other.keys()
+    return f"{sum(mine[s] > other[s] for s in shared)} / {len(shared)}"
+
+
+# The IGU-LoRA cell of the summary at a (task, budget): the library's defaults where they ran, else
+# the nearest earlier defaults, named.
+SUMMARY_IGU = (
+    ("igu-orth-live", "window-2", "defaults"),
+    ("igu-orth-live", "default", "defaults, but scoring every 2nd step"),
+    ("igu-orth", "default", "term over every rank, scoring every 2nd step"),
+)
+SUMMARY_ANCHORS = {"adalora-orth": "AdaLoRA + term", "adalora": "AdaLoRA", "lora": "LoRA"}
+SUMMARY_SEEDS = 3  # a cell shows once it has run this many seeds
+
+
+def summary_table(runs: list[dict], model: str = "MiniLM-L6") -> list[str]:
+    """The practitioner's table: per task and average rank, each method's dev median (at least
+    SUMMARY_SEEDS seeds at its selected lr) and IGU-LoRA against the anchor of best median: the
+    paired mean difference and on how many seeds it is ahead."""
+    lines = [
+        "| task | model | avg. rank | IGU-LoRA | AdaLoRA + term | AdaLoRA | LoRA "
+        "| IGU-LoRA - best anchor (paired +- s.e.) | seeds ahead | IGU-LoRA as run |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- |",
+    ]
+    order = ("sst2", "rte", "subj", "cr")
+    cells = sorted(
+        {(r["task"], r["budget"]) for r in runs if r.get("budget") is not None},
+        key=lambda cell: (order.index(cell[0]) if cell[0] in order else len(order), cell),
+    )
+
+    def complete(method: str, budget: float, task: str, variant: str = "default") -> list[dict]:
+        done = final_runs(runs, task, method, budget, variant)
+        return done if len(done) >= SUMMARY_SEEDS else []
+
+    for task, budget in cells:
+        igu = next(
+            ((done, label) for m, v, label in SUMMARY_IGU if (done := complete(m, budget, task, v))), None
+        )
+        anchors = {m: complete(m, budget, task) for m in SUMMARY_ANCHORS}
+        median = {m: statistics.median(r["dev_accuracy"] for r in c) for m, c in anchors.items() if c}
+        if igu is None or not median:
+            continue
+        best = max(median, key=median.get)
+        ours = statistics.median(r["dev_accuracy"] for r in igu[0])
+        row = [f"{median[m]:.3f}{'*' * (m == best)}" if m in median else "" for m in SUMMARY_ANCHORS]
+        lines.append(
+            f"| {task} | {model} | {budget:g} | {ours:.3f} | " + " | ".join(row)
+            + f" | {paired_se(igu[0], anchors[best])} | {seeds_ahead(igu[0], anchors[best])} | {igu[1]} |"
+        )  # fmt: skip
+    return lines + ["", "(* the best anchor: the highest median of AdaLoRA + term, AdaLoRA and LoRA)", ""]
 
 
 def main_table(runs: list[dict], task: str) -> list[str]:
@@ -217,7 +282,7 @@ def heatmaps(runs: list[dict], task: str, out: Path) -> Path | None:
         final = final_runs(runs, task, method, variant=variant)
         if final:
             best = final[0]  # seed 0: the run that selected the lr
-            ranks = {_module_name(k): v for k, v in best["active_ranks"].items()}
+            ranks = {module_name(k): v for k, v in best["active_ranks"].items()}
             panels[f"{METHOD_NAMES[method, variant]}, lr {best['lr']:g}"] = ranks
     if len(panels) < 2:
         return None
@@ -228,7 +293,7 @@ def adapter_parameters(run: dict, shapes: dict[str, tuple[int, int]]) -> int:
     """Trainable adapter parameters at the end of a run: each kept rank of a linear costs
     in + out (+ 1 for E in the SVD form); the classifier head, the same for all, is left out."""
     svd = run["method"] != "lora"
-    return sum(r * (sum(shapes[_module_name(m)]) + svd) for m, r in run["active_ranks"].items())
+    return sum(r * (sum(shapes[module_name(m)]) + svd) for m, r in run["active_ranks"].items())
 
 
 @dataclass(frozen=True)
@@ -354,7 +419,7 @@ def median_ranks(medians: dict[str, float]) -> dict[str, float]:
 def defaults_section(runs: list[dict], plan: SweepPlan) -> list[str]:
     """Issue #20: every task and setting at one budget point (lr on val, dev over seeds 0 .. n-1,
     paired by seed against IGU-LoRA's defaults, igu-orth since the rule), then the orth_reg_weight
-    rule of docs/results.md: per task the better median of igu / igu-orth ranks 1, the lower mean
+    rule of docs/results-details.md: per task the better median of igu / igu-orth ranks 1, the lower mean
     rank over the tasks wins (a tie keeps 0); undecided until every task has both."""
     tasks, budget = plan.default_tasks, plan.default_budget
     if not tasks:
@@ -410,7 +475,7 @@ def defaults_section(runs: list[dict], plan: SweepPlan) -> list[str]:
     return lines
 
 
-# Issue #35.1's rule (docs/results.md, fixed before any run): "live" is non-inferior unless its
+# Issue #35.1's rule (docs/results-details.md, fixed before any run): "live" is non-inferior unless its
 # median falls below "all"'s by more than LIVE_MARGIN on two or more tasks, or LIVE_HARD_MARGIN on one.
 LIVE_MARGIN, LIVE_HARD_MARGIN = 0.01, 0.02
 
@@ -470,7 +535,7 @@ def live_ranks_section(runs: list[dict], plan: SweepPlan) -> list[str]:
     ]
 
 
-# Issue #35.2's rule (docs/results.md, fixed before any run): a variant qualifies on a task when
+# Issue #35.2's rule (docs/results-details.md, fixed before any run): a variant qualifies on a task when
 # its median dev is within the task's margin of the defaults' and its allocation overlaps the
 # paired seed's at least as much as two seeds of the defaults overlap each other.
 IG_COST_MARGINS = {"sst2": 0.01, "rte": 0.02}
@@ -673,21 +738,25 @@ def budget_heatmaps(runs: list[dict], task: str, plan: SweepPlan, out: Path) -> 
     for method in (m for m in plan.methods if m != "lora"):  # the adaptive ones
         final = settled_runs(runs, task, method, budget, plan.lr_grid)
         if final and final[0]["seed"] == 0:
-            panels[BUDGET_NAMES[method]] = {_module_name(k): v for k, v in final[0]["active_ranks"].items()}
+            panels[BUDGET_NAMES[method]] = {module_name(k): v for k, v in final[0]["active_ranks"].items()}
     for variant in SCORE_VARIANTS:
         final = final_runs(runs, task, "igu", budget, variant)
         if final and final[0]["seed"] == 0:
-            panels[f"IGU-LoRA, {variant}"] = {_module_name(k): v for k, v in final[0]["active_ranks"].items()}
+            panels[f"IGU-LoRA, {variant}"] = {module_name(k): v for k, v in final[0]["active_ranks"].items()}
     if len(panels) < 2:
         return None
     return rank_panels(panels, out / f"{task}-budget-{budget:g}-ranks.png")
 
 
+def rank_overlap(ours: dict[str, int], theirs: dict[str, int]) -> float:
+    """Share of ``theirs``' ranks that ``ours`` holds on the same modules: sum of min / sum of theirs."""
+    return sum(min(ours.get(m, 0), r) for m, r in theirs.items()) / max(1, sum(theirs.values()))
+
+
 def allocation_overlap(run: dict, other: dict) -> float:
     """Share of ``other``'s kept ranks that ``run`` keeps on the same modules."""
-    ours = {_module_name(k): v for k, v in run["active_ranks"].items()}
-    theirs = {_module_name(k): v for k, v in other["active_ranks"].items()}
-    return sum(min(ours.get(m, 0), r) for m, r in theirs.items()) / max(1, sum(theirs.values()))
+    ours, theirs = ({module_name(k): v for k, v in r["active_ranks"].items()} for r in (run, other))
+    return rank_overlap(ours, theirs)
 
 
 def window_residuals(checks: list, window: int) -> list[float]:
@@ -756,7 +825,7 @@ def write_report(
     cost = {}
     if cost_file is not None:
         cost = {r["method"]: r["ratio_to_adalora"] for r in json.loads(cost_file.read_text())["records"]}
-    lines = []
+    lines = ["## Summary", "", *summary_table(runs)]
     swept = sorted({r["task"] for r in runs if r.get("budget") is not None})
     if plan and plan.sweep_tasks is not None:  # the defaults' other tasks: in their own table
         swept = [task for task in swept if task in plan.sweep_tasks]

@@ -97,7 +97,9 @@ def run_spec(spec: dict, path: Path, label: str = "", script: Path = GLUE) -> No
         record["wall_s"] = round(time.time() - started, 1)
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        print(f"    val {record['val_accuracy']:.4f} dev {record['dev_accuracy']:.4f} ({record['wall_s']} s)")
+        # a task without val (the decoder's RTE) has dev alone
+        scores = [f"{k} {record[f'{k}_accuracy']:.4f}" for k in ("val", "dev") if f"{k}_accuracy" in record]
+        print(f"    {' '.join(scores)} ({record['wall_s']} s)")
     finally:
         claim.unlink(missing_ok=True)
 

@@ -1,4 +1,4 @@
-"""The SNR score's scale invariance, against product and stable_magnitude (docs/results.md).
+"""The SNR score's scale invariance, against product and stable_magnitude (docs/results-details.md).
 
     python bench/quality/score_study.py --seeds 5 --json bench/results/<date>-score-study.json
 
