@@ -15,8 +15,6 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from torch.profiler import record_function
-
 from igulora.model import ORTHOGONALITY_RANGE
 
 if TYPE_CHECKING:
@@ -25,11 +23,6 @@ if TYPE_CHECKING:
 REGIONS = ("forward", "backward", "optimizer", "allocator")
 RANGES = (*REGIONS, ORTHOGONALITY_RANGE)  # the rows of a profile, innermost wins
 TOP = 15
-
-
-def region(name: str) -> record_function:
-    """A named range of the step (a near-zero cost outside a profiler)."""
-    return record_function(name)
 
 
 def _range_of(event: FunctionEvent) -> str | None:

@@ -54,6 +54,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from torch.profiler import record_function
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench" / "quality")]
@@ -204,16 +205,16 @@ def run_method(spec: dict, load: Callable[[], tuple] | None = None) -> dict:
                 stack.enter_context(profiler)
             start = time.perf_counter()
             batch = run.batches(step)
-            with step_profile.region("forward"):
+            with record_function("forward"):
                 loss = run.loss(batch)
-            with step_profile.region("backward"):
+            with record_function("backward"):
                 loss.backward()
-            with step_profile.region("optimizer"):
+            with record_function("optimizer"):
                 optimizer.step()
                 scheduler.step()
-            with step_profile.region("allocator"):  # reads the gradients: before zero_grad
+            with record_function("allocator"):  # reads the gradients: before zero_grad
                 run.after_step(step, optimizer)
-            with step_profile.region("optimizer"):
+            with record_function("optimizer"):
                 optimizer.zero_grad()
             if step < first_profiled:  # profiled steps are not timed
                 seconds[phase(step, spec["steps"])].append(time.perf_counter() - start)

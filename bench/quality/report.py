@@ -115,10 +115,15 @@ def paired_difference(
     return seed_difference(ours, theirs)
 
 
+def paired_devs(ours: list[dict], theirs: list[dict]) -> list[tuple[float, float]]:
+    """(dev of ours, dev of theirs) on each seed both ran, by seed."""
+    mine, other = ({r["seed"]: r["dev_accuracy"] for r in side} for side in (ours, theirs))
+    return [(mine[s], other[s]) for s in sorted(mine.keys() & other.keys())]
+
+
 def seed_difference(ours: list[dict], theirs: list[dict]) -> tuple[float, float, int]:
     """Mean and std of dev(ours) - dev(theirs) over the seeds both ran, and their number."""
-    mine, other = ({r["seed"]: r["dev_accuracy"] for r in side} for side in (ours, theirs))
-    diffs = [mine[s] - other[s] for s in sorted(mine.keys() & other.keys())]
+    diffs = [a - b for a, b in paired_devs(ours, theirs)]
     std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
     return (statistics.mean(diffs) if diffs else 0.0), std, len(diffs)
 
@@ -144,9 +149,8 @@ def paired_se(ours: list[dict], theirs: list[dict]) -> str:
 
 def seeds_ahead(ours: list[dict], theirs: list[dict]) -> str:
     """'k / n': on how many of the seeds both ran ``ours`` has the higher dev accuracy."""
-    mine, other = ({r["seed"]: r["dev_accuracy"] for r in side} for side in (ours, theirs))
-    shared = mine.keys() & other.keys()
-    return f"{sum(mine[s] > other[s] for s in shared)} / {len(shared)}"
+    pairs = paired_devs(ours, theirs)
+    return f"{sum(a > b for a, b in pairs)} / {len(pairs)}"
 
 
 # The IGU-LoRA cell of the summary at a (task, budget): the library's defaults where they ran, else
