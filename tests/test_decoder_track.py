@@ -142,3 +142,16 @@ def test_the_report_compares_with_the_best_anchor_and_maps_the_ranks(tmp_path):
     assert per_kind["IGU-LoRA (defaults)"] == ["8", "6", "0", "4", "0", "6", "4", "4"]  # + 4 adapters at 0
     assert per_kind["AdaLoRA (PEFT, with term)"] == ["4"] * 7 + ["0"]
     assert "over the 2 layers" in allocation
+
+
+def test_the_summary_row_pairs_igu_lora_with_the_best_anchor_and_waits_for_three_seeds():
+    runs = fake_runs("sst2") + [r for r in fake_runs("rte") if r["method"] != "igu" or r["seed"] < 2]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in decoder.summary(runs)[2:] if line]
+    assert rows[0] == [
+        "sst2", "SmolLM2-135M", "2", "0.810", "0.820*", "0.790", "0.790", "0.800",
+        "-0.0100 +- 0.0000", "0 / 3", "defaults",
+    ]  # fmt: skip
+    assert len(rows) == 2 and rows[1][0].startswith("(* the best anchor")  # RTE: IGU-LoRA has 2 seeds
+    runs = [r for r in fake_runs("sst2") if r["method"] != "adalora-orth" or r["seed"] != 1]
+    row = [c.strip() for c in decoder.summary(runs)[2].strip("|").split("|")]
+    assert row[4:9] == ["", "0.790", "0.790", "0.800*", "+0.0100 +- 0.0000"]  # 2 seeds: no cell
