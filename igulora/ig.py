@@ -170,8 +170,8 @@ def batch_rows(batch: Batch) -> int:
         raise ValueError(f"batch holds no tensors (keys: {sorted(batch)})")
     if len(set(sizes.values())) > 1 or None in sizes.values():
         raise ValueError(f"batch tensors disagree on the batch size (dim 0): {sizes}")
-    tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
-    lengths = {k: v.shape[1] for k, v in tensors.items() if v.dim() == TOKEN_DIMS.get(k)}
+    tokens = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor) and v.dim() == TOKEN_DIMS.get(k)}
+    lengths = {k: v.shape[1] for k, v in tokens.items()}
     if len(set(lengths.values())) > 1:
         raise ValueError(f"batch tensors disagree on the sequence length (dim 1): {lengths}")
     rows = next(iter(sizes.values()))

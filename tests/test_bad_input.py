@@ -157,7 +157,11 @@ def test_load_state_checks_the_trained_head_before_changing_anything(tmp_path):
         ),
         ([torch.ones(3, 7)], TypeError, "batch must be a mapping"),
         (
-            {"input_ids": torch.ones(2, 7, dtype=torch.long), "attention_mask": torch.ones(2, 5)},
+            {
+                "input_ids": torch.ones(2, 7, dtype=torch.long),
+                "attention_mask": torch.ones(2, 5),  # the model would train on it silently
+                "labels": torch.tensor([0, 1]),
+            },
             ValueError,
             r"sequence length \(dim 1\): \{'input_ids': 7, 'attention_mask': 5\}",
         ),
