@@ -79,6 +79,7 @@ from bench import step_profile  # noqa: E402
 from bench.compaction import state_bytes, trainable  # noqa: E402
 from igulora.data import Example, load_examples  # noqa: E402
 from igulora.finetune import Batches, FinetuneArgs, evaluate, warmup_linear_schedule  # noqa: E402
+from igulora.io import write_json  # noqa: E402
 from igulora.pretrained import load_smollm2  # noqa: E402
 
 METHODS = ("igu", "adalora-orth", "adalora", "lora")
@@ -297,8 +298,8 @@ def table(records: list[dict]) -> str:
 
 
 def write(path: Path, meta: dict, records: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"meta": meta, "records": records, "table": table(records)}, indent=2) + "\n")
+    """The results file so far (atomic: a stopped run leaves the methods that finished)."""
+    write_json(path, {"meta": meta, "records": records, "table": table(records)})
 
 
 def specs(args: argparse.Namespace) -> list[dict]:
@@ -363,29 +364,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(run_method(json.loads(args.child))))
         return 0
+    todo = specs(args)
+    meta = {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.platform()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "command": shlex.join(["python", "bench/whole_run.py", *(sys.argv[1:] if argv is None else argv)]),
+        "model": args.model,
+        "steps": todo[0]["steps"],
+        "budget": BUDGET,
+        "tinit_tfinal": windows(todo[0]["steps"]),
+        "seed": args.seed,
+        "igu_overrides": args.igu_overrides,
+    }
     records = []
-    for spec in specs(args):
+    for spec in todo:
         print(f"{label(spec)}: {spec['steps']} steps at lr {spec['lr']:g} ...", file=sys.stderr, flush=True)
         records.append(child(spec))
+        if args.json:
+            write(args.json, meta, records)
     print(table(records))
     profiles = {label(r): r["profile"] for r in records if "profile" in r}
     if profiles:
         print(step_profile.table(profiles))
-    if args.json:
-        meta = {
-            "date": datetime.date.today().isoformat(),
-            "machine": f"{platform.platform()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-            "command": shlex.join(
-                ["python", "bench/whole_run.py", *(sys.argv[1:] if argv is None else argv)]
-            ),
-            "model": args.model,
-            "steps": records[0]["steps"],
-            "budget": BUDGET,
-            "tinit_tfinal": windows(records[0]["steps"]),
-            "seed": args.seed,
-            "igu_overrides": args.igu_overrides,
-        }
-        write(args.json, meta, records)
     return 0
 
 

@@ -147,10 +147,16 @@ class NodeBatch:
     quadrature: Quadrature
 
 
+# Per-token inputs and their rank when their dim 1 is the sequence (a 4-D attention mask is a
+# custom mask, labels may be per example): these must agree on the sequence length.
+TOKEN_DIMS = {"input_ids": 2, "inputs_embeds": 3, "attention_mask": 2, "token_type_ids": 2}
+
+
 def batch_rows(batch: Batch) -> int:
     """The number of rows of a training batch, with an error naming what is wrong with it: not a
-    mapping, a key holding a list (not a tensor), no tensor, tensors of different lengths, no row.
-    Other non-tensor values (flags such as ``use_cache``) are passed to the model as they are."""
+    mapping, a key holding a list (not a tensor), no tensor, tensors of different lengths or token
+    inputs of different sequence lengths (TOKEN_DIMS), no row. Other non-tensor values (flags such
+    as ``use_cache``) are passed to the model as they are."""
     if not isinstance(batch, Mapping):
         raise TypeError(f"batch must be a mapping of model inputs (a dict), got {type(batch).__name__}")
     for key, value in batch.items():
@@ -164,6 +170,10 @@ def batch_rows(batch: Batch) -> int:
         raise ValueError(f"batch holds no tensors (keys: {sorted(batch)})")
     if len(set(sizes.values())) > 1 or None in sizes.values():
         raise ValueError(f"batch tensors disagree on the batch size (dim 0): {sizes}")
+    tokens = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor) and v.dim() == TOKEN_DIMS.get(k)}
+    lengths = {k: v.shape[1] for k, v in tokens.items()}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"batch tensors disagree on the sequence length (dim 1): {lengths}")
     rows = next(iter(sizes.values()))
     if rows == 0:
         raise ValueError(f"batch is empty: its tensors have 0 rows ({sorted(sizes)})")

@@ -156,8 +156,17 @@ def test_load_state_checks_the_trained_head_before_changing_anything(tmp_path):
             "disagree on the batch size",
         ),
         ([torch.ones(3, 7)], TypeError, "batch must be a mapping"),
+        (
+            {
+                "input_ids": torch.ones(2, 7, dtype=torch.long),
+                "attention_mask": torch.ones(2, 5),  # the model would train on it silently
+                "labels": torch.tensor([0, 1]),
+            },
+            ValueError,
+            r"sequence length \(dim 1\): \{'input_ids': 7, 'attention_mask': 5\}",
+        ),
     ],
-    ids=["empty", "list-of-lists", "ragged", "not-a-mapping"],
+    ids=["empty", "list-of-lists", "ragged", "not-a-mapping", "short-mask"],
 )
 @pytest.mark.parametrize("scoring", [True, False], ids=["scoring", "plain"])
 def test_a_batch_that_cannot_be_one_is_named(batch, error, message, scoring):

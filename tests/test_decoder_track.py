@@ -142,3 +142,14 @@ def test_the_report_compares_with_the_best_anchor_and_maps_the_ranks(tmp_path):
     assert per_kind["IGU-LoRA (defaults)"] == ["8", "6", "0", "4", "0", "6", "4", "4"]  # + 4 adapters at 0
     assert per_kind["AdaLoRA (PEFT, with term)"] == ["4"] * 7 + ["0"]
     assert "over the 2 layers" in allocation
+
+
+def test_the_summary_row_pairs_igu_lora_with_the_best_anchor_once_every_method_has_its_seeds():
+    runs = fake_runs("sst2") + [r for r in fake_runs("rte") if r["method"] != "eva" or r["seed"] < 2]
+    lines = decoder.summary(runs)
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:] if line.startswith("| ")]
+    assert rows == [
+        ["sst2", "SmolLM2-135M-Instruct", "2", "0.810", "0.820*", "0.790", "0.790", "0.800",
+         "-0.0100 +- 0.0000", "0 / 3", "defaults"],
+    ]  # fmt: skip
+    assert f"(rte: waiting for {decoder.NAMES['eva']})" in lines  # EVA has 2 seeds on RTE

@@ -430,8 +430,8 @@ def test_the_summary_sets_the_newest_defaults_beside_the_best_anchor():
     runs += igu("igu-orth-live", "window-2", "cr", 2.0, [0.9] * 2)  # 2 seeds: not yet a cell
     lines = report.summary_table(runs)
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines if line.startswith("| ")][2:]
-    assert rows[0][:7] == ["sst2", "MiniLM-L6", "2", "0.850", "0.810", "0.840*", "0.800"]
-    assert rows[0][7:] == ["+0.0100 +- 0.0058 (t = 1.73)", "2 / 3", "defaults"]  # against AdaLoRA
+    assert rows[0][:8] == ["sst2", "MiniLM-L6", "2", "0.850", "0.810", "0.840*", "0.800", ""]  # no EVA
+    assert rows[0][8:] == ["+0.0100 +- 0.0058 (t = 1.73)", "2 / 3", "defaults"]  # against AdaLoRA
     assert [row[0] for row in rows] == ["sst2"]  # CR has 2 IGU-LoRA seeds, RTE no anchor
 
 

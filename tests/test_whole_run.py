@@ -143,3 +143,21 @@ def test_the_last_steps_are_profiled_by_range(records):
     cells = [[c.strip() for c in row.strip("|").split("|")] for row in table[2:]]
     assert [row[0] for row in cells] == list(step_profile.RANGES)
     assert cells[-1][2:] == ["", "", ""]  # only IGU-LoRA (the first column) has the range
+
+
+def test_the_results_file_keeps_each_method_as_it_finishes(records, tmp_path, monkeypatch):
+    finished = iter([records["lora"]])
+
+    def child(spec: dict) -> dict:
+        record = next(finished, None)
+        if record is None:
+            raise KeyboardInterrupt  # the second method is stopped mid-run
+        return record
+
+    monkeypatch.setattr(whole_run, "child", child)
+    path = tmp_path / "r.json"
+    with pytest.raises(KeyboardInterrupt):
+        whole_run.main(["--model", "smollm2", "--methods", "lora", "igu", "--json", str(path)])
+    written = json.loads(path.read_text())
+    assert [r["method"] for r in written["records"]] == ["lora"]
+    assert written["meta"]["command"].endswith(f"--methods lora igu --json {path}")

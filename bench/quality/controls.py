@@ -35,7 +35,7 @@ import torch
 sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).resolve().parent)]
 
 from glue import INIT_MULTIPLE, RESULTS, selected_lr, spec  # noqa: E402
-from report import final_runs, paired_line, rank_overlap, seed_difference  # noqa: E402
+from report import final_runs, module_name, paired_line, rank_overlap, seed_difference  # noqa: E402
 from runs import ensure, load_runs  # noqa: E402
 
 RUNS = RESULTS / "controls-runs.jsonl"
@@ -45,16 +45,12 @@ SEEDS = (0, 1, 2, 3, 4)
 RANDOM_SEED = 36
 
 
-def _module(name: str) -> str:
-    return name.removeprefix("base_model.model.")
-
-
 def source_pattern(runs: list[dict], task: str, method: str, budget: float) -> dict[str, int]:
     """The final ranks per module of ``method``'s seed-0 run at its selected lr."""
     settled = final_runs(runs, task, method, budget)
     if not settled or settled[0]["seed"] != 0:
         raise SystemExit(f"no seed-0 {method} run at budget {budget} on {task}: run glue.py's sweep first")
-    return {_module(n): r for n, r in sorted(settled[0]["active_ranks"].items())}
+    return {module_name(n): r for n, r in sorted(settled[0]["active_ranks"].items())}
 
 
 def random_pattern(names: list[str], total: int, cap: int, seed: int = RANDOM_SEED) -> dict[str, int]:

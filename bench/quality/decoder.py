@@ -34,7 +34,18 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).res
 
 from causal import CAUSAL_METHODS, igu_lm_config  # noqa: E402
 from glue import RESULTS, knobs  # noqa: E402
-from report import allocation_overlap, best_of, module_name, paired_se, seed_overlap, seeds_ahead  # noqa: E402
+from report import (  # noqa: E402
+    SUMMARY_ANCHORS,
+    SUMMARY_FOOTNOTE,
+    SUMMARY_HEADER,
+    allocation_overlap,
+    best_of,
+    module_name,
+    paired_se,
+    seed_overlap,
+    seeds_ahead,
+    summary_row,
+)
 from runs import ensure, load_runs, run_key  # noqa: E402
 
 from bench.whole_run import LABELS, run_method  # noqa: E402
@@ -43,8 +54,9 @@ from igulora.plots import layer_grid, rank_panels  # noqa: E402
 RUNS = RESULTS / "decoder-runs.jsonl"
 REPORT_NAME = "decoder.md"
 NAMES = {**LABELS, "eva": "EVA (PEFT, r = 2 redistributed from the inputs)"}
-ANCHORS = ("adalora-orth", "adalora", "lora", "eva")  # what IGU-LoRA is compared with
+ANCHORS = tuple(SUMMARY_ANCHORS)  # what IGU-LoRA is compared with
 BUDGET = 2.0
+MODEL_NAME = "SmolLM2-135M-Instruct"
 SEEDS = (0, 1, 2)
 LR_GRID = (1e-3, 3e-3)
 LR_FROM = {"rte": "sst2"}  # a task whose runs take the lr selected on another
@@ -219,9 +231,27 @@ def allocation_section(runs: list[dict], task: str, out: Path) -> list[str]:
     return lines + ["", f"(kept ranks per projection kind over the {layers} layers, mean over the seeds)"]
 
 
+def summary(runs: list[dict]) -> list[str]:
+    """The decoder's rows of docs/results.md's practitioner table (report.summary_row): a task's
+    row once every method has SEEDS at its lr (the best anchor is picked among all of them)."""
+    rows, waiting = [], []
+    for task in PROTOCOL:
+        cells = {m: final_cell(runs, task, m) for m in NAMES}
+        missing = [NAMES[m] for m, cell in cells.items() if len(cell) < len(SEEDS)]
+        if missing:
+            waiting.append(f"{task}: waiting for {', '.join(missing)}")
+            continue
+        anchors = {m: cells[m] for m in SUMMARY_ANCHORS}
+        rows.append(summary_row(task, MODEL_NAME, BUDGET, (cells["igu"], "defaults"), anchors))
+    notes = [f"({'; '.join(waiting)})", ""] if waiting else []
+    return [*SUMMARY_HEADER, *rows, "", *notes, SUMMARY_FOOTNOTE]
+
+
 def report(runs: list[dict], out: Path) -> list[str]:
-    """decoder.md: per task, the accuracy table and the allocation section (heatmaps beside it)."""
+    """decoder.md: the summary rows, then per task the accuracy table and the allocation section
+    (heatmaps beside it)."""
     lines = ["# The decoder track (issue #36.1, #36.3)", "", __doc__.split("\n\n")[0], ""]
+    lines += ["## Summary (docs/results.md's rows)", "", *summary(runs), ""]
     for task in PROTOCOL:
         if not any(r["task"] == task for r in runs):
             continue

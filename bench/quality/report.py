@@ -160,45 +160,58 @@ SUMMARY_IGU = (
     ("igu-orth-live", "default", "defaults, but scoring every 2nd step"),
     ("igu-orth", "default", "term over every rank, scoring every 2nd step"),
 )
-SUMMARY_ANCHORS = {"adalora-orth": "AdaLoRA + term", "adalora": "AdaLoRA", "lora": "LoRA"}
+SUMMARY_ANCHORS = {"adalora-orth": "AdaLoRA + term", "adalora": "AdaLoRA", "lora": "LoRA", "eva": "EVA"}
 SUMMARY_SEEDS = 3  # a cell shows once it has run this many seeds
+SUMMARY_HEADER = [
+    "| task | model | avg. rank | IGU-LoRA | " + " | ".join(SUMMARY_ANCHORS.values())
+    + " | IGU-LoRA - best anchor (paired +- s.e.) | seeds ahead | IGU-LoRA as run |",
+    "| --- | --- | ---: | ---: | " + " | ".join("---:" for _ in SUMMARY_ANCHORS) + " | --- | ---: | --- |",
+]  # fmt: skip
+SUMMARY_FOOTNOTE = "(* the best anchor: the highest median of the anchors run; EVA runs on the decoder only)"
+
+
+def summary_row(
+    task: str, model: str, budget: float, igu: tuple[list[dict], str], anchors: dict[str, list[dict]]
+) -> str | None:
+    """One row of the practitioner's table: each method's dev median over its runs (cells with
+    fewer than SUMMARY_SEEDS seeds stay empty) and IGU-LoRA (its runs, and how it ran) against the
+    anchor of best median; None until IGU-LoRA and one anchor have their seeds."""
+    ours, how = igu
+    complete = {m: c for m, c in anchors.items() if len(c) >= SUMMARY_SEEDS}
+    if len(ours) < SUMMARY_SEEDS or not complete:
+        return None
+    median = {m: statistics.median(r["dev_accuracy"] for r in c) for m, c in complete.items()}
+    best = max(median, key=median.get)
+    cells = [f"{median[m]:.3f}{'*' * (m == best)}" if m in median else "" for m in SUMMARY_ANCHORS]
+    mine = statistics.median(r["dev_accuracy"] for r in ours)
+    return (
+        f"| {task} | {model} | {budget:g} | {mine:.3f} | " + " | ".join(cells)
+        + f" | {paired_se(ours, complete[best])} | {seeds_ahead(ours, complete[best])} | {how} |"
+    )  # fmt: skip
 
 
 def summary_table(runs: list[dict], model: str = "MiniLM-L6") -> list[str]:
-    """The practitioner's table: per task and average rank, each method's dev median (at least
-    SUMMARY_SEEDS seeds at its selected lr) and IGU-LoRA against the anchor of best median: the
-    paired mean difference and on how many seeds it is ahead."""
-    lines = [
-        "| task | model | avg. rank | IGU-LoRA | AdaLoRA + term | AdaLoRA | LoRA "
-        "| IGU-LoRA - best anchor (paired +- s.e.) | seeds ahead | IGU-LoRA as run |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- |",
-    ]
+    """The practitioner's table of glue.py's runs: per task and average rank, each method at its
+    selected lr, IGU-LoRA as the newest defaults that ran (SUMMARY_IGU)."""
     order = ("sst2", "rte", "subj", "cr")
     cells = sorted(
         {(r["task"], r["budget"]) for r in runs if r.get("budget") is not None},
         key=lambda cell: (order.index(cell[0]) if cell[0] in order else len(order), cell),
     )
-
-    def complete(method: str, budget: float, task: str, variant: str = "default") -> list[dict]:
-        done = final_runs(runs, task, method, budget, variant)
-        return done if len(done) >= SUMMARY_SEEDS else []
-
+    lines = list(SUMMARY_HEADER)
     for task, budget in cells:
         igu = next(
-            ((done, label) for m, v, label in SUMMARY_IGU if (done := complete(m, budget, task, v))), None
+            (
+                (done, label)
+                for m, v, label in SUMMARY_IGU
+                if len(done := final_runs(runs, task, m, budget, v)) >= SUMMARY_SEEDS
+            ),
+            ([], ""),
         )
-        anchors = {m: complete(m, budget, task) for m in SUMMARY_ANCHORS}
-        median = {m: statistics.median(r["dev_accuracy"] for r in c) for m, c in anchors.items() if c}
-        if igu is None or not median:
-            continue
-        best = max(median, key=median.get)
-        ours = statistics.median(r["dev_accuracy"] for r in igu[0])
-        row = [f"{median[m]:.3f}{'*' * (m == best)}" if m in median else "" for m in SUMMARY_ANCHORS]
-        lines.append(
-            f"| {task} | {model} | {budget:g} | {ours:.3f} | " + " | ".join(row)
-            + f" | {paired_se(igu[0], anchors[best])} | {seeds_ahead(igu[0], anchors[best])} | {igu[1]} |"
-        )  # fmt: skip
-    return lines + ["", "(* the best anchor: the highest median of AdaLoRA + term, AdaLoRA and LoRA)", ""]
+        anchors = {m: final_runs(runs, task, m, budget) for m in SUMMARY_ANCHORS}
+        if row := summary_row(task, model, budget, igu, anchors):
+            lines.append(row)
+    return lines + ["", SUMMARY_FOOTNOTE, ""]
 
 
 def main_table(runs: list[dict], task: str) -> list[str]:
