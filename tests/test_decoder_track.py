@@ -131,7 +131,9 @@ def test_the_report_compares_with_the_best_anchor_and_maps_the_ranks(tmp_path):
         cells = [[c.strip() for c in line.strip("|").split("|")] for line in part.splitlines()]
         return {row[0]: row[1:] for row in cells if len(row) > 1 and row[0] not in ("method", "---")}
 
-    table = rows(accuracy)
+    search = rows(accuracy.split("(seed 0;")[0])
+    assert search["LoRA (PEFT, r = 2)"] == ["**0.800 / 0.780**", "0.700 / 0.780"]  # the smaller lr wins
+    table = rows(accuracy.split("(seed 0;")[1])
     assert table["IGU-LoRA (defaults)"][:3] == ["0.001", "0.800, 0.810, 0.820", "0.8100"]
     assert table["AdaLoRA (PEFT, with term) (best anchor)"][3:5] == ["-0.0100 +- 0.0000", "0 / 3"]
     assert table["LoRA (PEFT, r = 2)"][3:5] == ["+0.0200 +- 0.0000", "3 / 3"]

@@ -247,15 +247,40 @@ def summary(runs: list[dict]) -> list[str]:
     return [*SUMMARY_HEADER, *rows, "", *notes, SUMMARY_FOOTNOTE]
 
 
+def search_table(runs: list[dict], task: str) -> list[str]:
+    """The lr search on seed 0: each method's val (and dev) accuracy per lr, the selected one in
+    bold; [] for a task that takes its lr from another (LR_FROM)."""
+    if task in LR_FROM:
+        return []
+    lines = [
+        "| method | " + " | ".join(f"lr {lr:g}: val / dev" for lr in LR_GRID) + " |",
+        "| --- | " + " | ".join("---:" for _ in LR_GRID) + " |",
+    ]
+    for method, name in NAMES.items():
+        search = {r["lr"]: r for r in runs if (r["task"], r["method"], r["seed"]) == (task, method, 0)}
+        chosen = selected_lr(runs, task, method)
+        cells = [
+            f"{'**' * (lr == chosen)}{search[lr]['val_accuracy']:.3f} / {search[lr]['dev_accuracy']:.3f}"
+            f"{'**' * (lr == chosen)}"
+            if lr in search
+            else ""
+            for lr in LR_GRID
+        ]
+        if any(cells):
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines + ["", "(seed 0; **the lr selected** on val, ties to the smaller)", ""]
+
+
 def report(runs: list[dict], out: Path) -> list[str]:
-    """decoder.md: the summary rows, then per task the accuracy table and the allocation section
-    (heatmaps beside it)."""
+    """decoder.md: the summary rows, then per task the lr search, the accuracy table and the
+    allocation section (heatmaps beside it)."""
     lines = ["# The decoder track (issue #36.1, #36.3)", "", __doc__.split("\n\n")[0], ""]
     lines += ["## Summary (docs/results.md's rows)", "", *summary(runs), ""]
     for task in PROTOCOL:
         if not any(r["task"] == task for r in runs):
             continue
-        lines += [f"## {task}", "", *accuracy_table(runs, task), "", *allocation_section(runs, task, out), ""]
+        lines += [f"## {task}", "", *search_table(runs, task), *accuracy_table(runs, task), ""]
+        lines += [*allocation_section(runs, task, out), ""]
     return lines
 
 
