@@ -42,6 +42,7 @@ from report import (  # noqa: E402
     best_of,
     module_name,
     paired_se,
+    search_runs,
     seed_overlap,
     seeds_ahead,
     summary_row,
@@ -95,8 +96,7 @@ def spec(task: str, method: str, lr: float, seed: int) -> dict:
 
 def selected_lr(runs: list[dict], task: str, method: str) -> float | None:
     """The lr of ``method``'s seed-0 search on ``task`` (or its LR_FROM task); None until complete."""
-    task = LR_FROM.get(task, task)
-    search = [r for r in runs if (r["task"], r["method"], r["seed"]) == (task, method, 0)]
+    search = search_runs(runs, LR_FROM.get(task, task), method, BUDGET)
     return best_of(search)["lr"] if {r["lr"] for r in search} >= set(LR_GRID) else None
 
 
@@ -257,15 +257,12 @@ def search_table(runs: list[dict], task: str) -> list[str]:
         "| --- | " + " | ".join("---:" for _ in LR_GRID) + " |",
     ]
     for method, name in NAMES.items():
-        search = {r["lr"]: r for r in runs if (r["task"], r["method"], r["seed"]) == (task, method, 0)}
+        search = {
+            r["lr"]: f"{r['val_accuracy']:.3f} / {r['dev_accuracy']:.3f}"
+            for r in search_runs(runs, task, method, BUDGET)
+        }
         chosen = selected_lr(runs, task, method)
-        cells = [
-            f"{'**' * (lr == chosen)}{search[lr]['val_accuracy']:.3f} / {search[lr]['dev_accuracy']:.3f}"
-            f"{'**' * (lr == chosen)}"
-            if lr in search
-            else ""
-            for lr in LR_GRID
-        ]
+        cells = [f"**{search[lr]}**" if lr == chosen else search.get(lr, "") for lr in LR_GRID]
         if any(cells):
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines + ["", "(seed 0; **the lr selected** on val, ties to the smaller)", ""]
