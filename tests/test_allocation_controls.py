@@ -95,5 +95,5 @@ def test_each_pattern_is_a_cell_at_lora_s_lr_and_the_report_pairs_it_with_unifor
     assert {s["lr"] for s in specs} == {glue.LR_GRID[1]} and len({run_key(s) for s in specs}) == 10
     records = [{**s, "dev_accuracy": 0.8 + 0.01 * (s["variant"] == "igu") + 0.001 * s["seed"]} for s in specs]
     text = "\n".join(controls.report(records, runs))
-    assert "| igu | 1.00 | 0.810, 0.811 | 0.8105 | dev +0.0100 +- 0.0000 over 2 seeds" in text
-    assert "igu - adalora (paired): dev +0.0100" in text
+    assert "| igu | 1.00 | 0.810, 0.811 | 0.8105 | +0.0100 +- 0.0000 | 2 / 2 |" in text
+    assert "igu - adalora (paired +- s.e.): +0.0100 +- 0.0000, igu ahead on 2 / 2 seeds" in text

@@ -155,3 +155,5 @@ def test_the_summary_row_pairs_igu_lora_with_the_best_anchor_once_every_method_h
          "-0.0100 +- 0.0000", "0 / 3", "defaults"],
     ]  # fmt: skip
     assert f"(rte: waiting for {decoder.NAMES['eva']})" in lines  # EVA has 2 seeds on RTE
+    assert "(best anchor)" in "\n".join(decoder.accuracy_table(runs, "sst2"))
+    assert "(best anchor)" not in "\n".join(decoder.accuracy_table(runs, "rte"))  # until EVA's 3rd seed

@@ -35,7 +35,7 @@ import torch
 sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).resolve().parent)]
 
 from glue import INIT_MULTIPLE, RESULTS, selected_lr, spec  # noqa: E402
-from report import final_runs, module_name, paired_line, rank_overlap, seed_difference  # noqa: E402
+from report import final_runs, module_name, paired_se, rank_overlap, seeds_ahead  # noqa: E402
 from runs import ensure, load_runs  # noqa: E402
 
 RUNS = RESULTS / "controls-runs.jsonl"
@@ -110,20 +110,25 @@ def report(controls: list[dict], runs: list[dict]) -> list[str]:
         lines += [
             f"## {task}, average rank {budget:g}",
             "",
-            "| pattern | overlap with igu | dev (seeds) | dev median | pattern - uniform (paired) |",
-            "| --- | ---: | --- | ---: | --- |",
+            "| pattern | overlap with igu | dev (seeds) | dev median | pattern - uniform (paired +- s.e.) "
+            "| seeds ahead |",
+            "| --- | ---: | --- | ---: | --- | ---: |",
         ]
         for name in PATTERNS:
             done = sorted(of[name], key=lambda r: r["seed"])
             dev = [r["dev_accuracy"] for r in done]
             median = f"{statistics.median(dev):.4f}" if dev else ""
-            diff = paired_line(seed_difference(done, of["uniform"])) if name != "uniform" else ""
-            seeds = ", ".join(f"{d:.3f}" for d in dev)
-            lines.append(
-                f"| {name} | {rank_overlap(chosen['igu'], chosen[name]):.2f} | {seeds} | {median} | {diff} |"
+            versus = (
+                (paired_se(done, of["uniform"]), seeds_ahead(done, of["uniform"]))
+                if name != "uniform"
+                else ("", "")
             )
-        igu_vs_adalora = paired_line(seed_difference(of["igu"], of["adalora"])) or "fewer than 2 paired seeds"
-        lines += ["", f"- igu - adalora (paired): {igu_vs_adalora}", ""]
+            seeds = ", ".join(f"{d:.3f}" for d in dev)
+            overlap = f"{rank_overlap(chosen['igu'], chosen[name]):.2f}"
+            lines.append("| " + " | ".join((name, overlap, seeds, median, *versus)) + " |")
+        igu_vs_adalora = paired_se(of["igu"], of["adalora"]) or "fewer than 2 paired seeds"
+        ahead = seeds_ahead(of["igu"], of["adalora"])
+        lines += ["", f"- igu - adalora (paired +- s.e.): {igu_vs_adalora}, igu ahead on {ahead} seeds", ""]
     return lines
 
 

@@ -159,11 +159,12 @@ def final_cell(runs: list[dict], task: str, method: str) -> list[dict]:
 
 def accuracy_table(runs: list[dict], task: str) -> list[str]:
     """Each method's dev over seeds at its lr, and IGU-LoRA against each anchor (paired, and on how
-    many seeds it is ahead); the anchor of best median is named."""
+    many seeds it is ahead); the anchor of best median is named once every anchor has its seeds."""
     cells = {m: final_cell(runs, task, m) for m in NAMES}
     cells = {m: c for m, c in cells.items() if c}
     medians = {m: statistics.median(r["dev_accuracy"] for r in c) for m, c in cells.items()}
-    best = max((m for m in ANCHORS if m in cells), key=lambda m: medians[m], default=None)
+    complete = all(len(cells.get(m, ())) >= len(SEEDS) for m in ANCHORS)
+    best = max(ANCHORS, key=lambda m: medians[m]) if complete else None
     lines = [
         "| method | lr | dev (seeds) | dev median | IGU-LoRA - it (paired +- s.e.) | seeds ahead "
         "| median run s |",
