@@ -97,3 +97,7 @@ def test_each_pattern_is_a_cell_at_lora_s_lr_and_the_report_pairs_it_with_unifor
     text = "\n".join(controls.report(records, runs))
     assert "| igu | 1.00 | 0.810, 0.811 | 0.8105 | +0.0100 +- 0.0000 | 2 / 2 |" in text
     assert "igu - adalora (paired +- s.e.): +0.0100 +- 0.0000, igu ahead on 2 / 2 seeds" in text
+    assert "identical dev and final loss on 0 / 2 seeds" in text  # the fake LoRA runs score 0.5
+    lora_seed_0 = next(r for r in runs if (r["method"], r["lr"], r["seed"]) == ("lora", glue.LR_GRID[1], 0))
+    lora_seed_0["dev_accuracy"] = 0.8
+    assert "identical dev and final loss on 1 / 2 seeds" in "\n".join(controls.report(records, runs))

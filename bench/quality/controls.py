@@ -97,6 +97,18 @@ def control_specs(runs: list[dict], task: str, budget: float, names, seeds) -> l
     ]
 
 
+def reproduced(uniform: list[dict], lora: list[dict]) -> str:
+    """Whether the uniform pattern (PEFT LoRA built from a rank_pattern) reproduces glue.py's LoRA
+    runs at the same rank, lr and seed (PEFT LoRA built from ``r``): the same run by two paths."""
+    plain = {r["seed"]: (r["dev_accuracy"], r.get("final_loss")) for r in lora}
+    paired = [r for r in uniform if r["seed"] in plain]
+    same = sum((r["dev_accuracy"], r.get("final_loss")) == plain[r["seed"]] for r in paired)
+    return (
+        "uniform against glue.py's LoRA runs (same rank, lr, seed): identical dev and final loss "
+        f"on {same} / {len(paired)} seeds"
+    )
+
+
 def report(controls: list[dict], runs: list[dict]) -> list[str]:
     """Per task and budget: each pattern's dev accuracy over seeds and the paired differences."""
     lines = ["# Allocation controls (issue #36.2)", "", __doc__.split("\n\n")[0], ""]
@@ -128,7 +140,12 @@ def report(controls: list[dict], runs: list[dict]) -> list[str]:
             lines.append("| " + " | ".join((name, overlap, seeds, median, *versus)) + " |")
         igu_vs_adalora = paired_se(of["igu"], of["adalora"]) or "fewer than 2 paired seeds"
         ahead = seeds_ahead(of["igu"], of["adalora"])
-        lines += ["", f"- igu - adalora (paired +- s.e.): {igu_vs_adalora}, igu ahead on {ahead} seeds", ""]
+        lines += [
+            "",
+            f"- igu - adalora (paired +- s.e.): {igu_vs_adalora}, igu ahead on {ahead} seeds",
+            f"- {reproduced(of['uniform'], final_runs(runs, task, 'lora', budget))}",
+            "",
+        ]
     return lines
 
 
