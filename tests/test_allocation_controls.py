@@ -43,7 +43,7 @@ def sweep_runs() -> list[dict]:
                 val = 0.9 if lr == glue.LR_GRID[1] else 0.8
                 runs.append(
                     dict(task="sst2", method=method, lr=lr, seed=seed, variant="default", budget=BUDGET,
-                         val_accuracy=val, dev_accuracy=0.5, active_ranks=ranks)
+                         val_accuracy=val, dev_accuracy=0.5, final_loss=0.4, active_ranks=ranks)
                 )  # fmt: skip
     return runs
 
@@ -93,11 +93,16 @@ def test_each_pattern_is_a_cell_at_lora_s_lr_and_the_report_pairs_it_with_unifor
     runs = sweep_runs()
     specs = controls.control_specs(runs, "sst2", BUDGET, controls.PATTERNS, [0, 1])
     assert {s["lr"] for s in specs} == {glue.LR_GRID[1]} and len({run_key(s) for s in specs}) == 10
-    records = [{**s, "dev_accuracy": 0.8 + 0.01 * (s["variant"] == "igu") + 0.001 * s["seed"]} for s in specs]
+    records = [
+        {**s, "dev_accuracy": 0.8 + 0.01 * (s["variant"] == "igu") + 0.001 * s["seed"], "final_loss": 0.4}
+        for s in specs
+    ]
     text = "\n".join(controls.report(records, runs))
     assert "| igu | 1.00 | 0.810, 0.811 | 0.8105 | +0.0100 +- 0.0000 | 2 / 2 |" in text
     assert "igu - adalora (paired +- s.e.): +0.0100 +- 0.0000, igu ahead on 2 / 2 seeds" in text
-    assert "identical dev and final loss on 0 / 2 seeds" in text  # the fake LoRA runs score 0.5
+    assert "the same dev on 0 / 2 seeds, final loss within 0.0e+00" in text  # the fake LoRA runs score 0.5
     lora_seed_0 = next(r for r in runs if (r["method"], r["lr"], r["seed"]) == ("lora", glue.LR_GRID[1], 0))
-    lora_seed_0["dev_accuracy"] = 0.8
-    assert "identical dev and final loss on 1 / 2 seeds" in "\n".join(controls.report(records, runs))
+    lora_seed_0 |= {"dev_accuracy": 0.8, "final_loss": 0.4004}
+    assert "the same dev on 1 / 2 seeds, final loss within 1.0e-03" in "\n".join(
+        controls.report(records, runs)
+    )
