@@ -100,9 +100,10 @@ def test_each_pattern_is_a_cell_at_lora_s_lr_and_the_report_pairs_it_with_unifor
     text = "\n".join(controls.report(records, runs))
     assert "| igu | 1.00 | 0.810, 0.811 | 0.8105 | +0.0100 +- 0.0000 | 2 / 2 |" in text
     assert "igu - adalora (paired +- s.e.): +0.0100 +- 0.0000, igu ahead on 2 / 2 seeds" in text
-    assert "the same dev on 0 / 2 seeds, final loss within 0.0e+00" in text  # the fake LoRA runs score 0.5
+    floor = "(the same rank, lr and seed; the noise floor): seed 0: dev +0.3000, final loss +0.0e+00, seed 1:"
+    assert floor in text  # the fake LoRA runs score 0.5
     lora_seed_0 = next(r for r in runs if (r["method"], r["lr"], r["seed"]) == ("lora", glue.LR_GRID[1], 0))
     lora_seed_0 |= {"dev_accuracy": 0.8, "final_loss": 0.4004}
-    assert "the same dev on 1 / 2 seeds, final loss within 1.0e-03" in "\n".join(
-        controls.report(records, runs)
-    )
+    assert "seed 0: dev +0.0000, final loss -1.0e-03" in "\n".join(controls.report(records, runs))
+    other_lr = [r | {"lr": glue.LR_GRID[0]} for r in records if r["variant"] == "uniform"]
+    assert controls.reproduced(other_lr, [lora_seed_0]).endswith("no seed run by both at one lr")
